@@ -1,0 +1,273 @@
+"""The ``exim-py`` operator command: Exim's command-line modes."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import BinaryIO
+
+from twisted_mta import EXIM_COMPAT_VERSION, __version__
+
+#: The configuration used when no ``-C`` is given.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "etc", "exim-py.conf")
+
+#: Exim refuses longer command-line strings in -be (EXIM_EMAILADDR_MAX).
+ARGUMENT_LIMIT = 256
+
+
+class UsageError(Exception):
+    pass
+
+
+@dataclass
+class Invocation:
+    """The parsed command line."""
+
+    mode: str | None = None
+    config_file: str | None = None
+    defines: dict[str, str] = field(default_factory=dict)
+    arguments: list[str] = field(default_factory=list)
+
+
+def parse_arguments(argv: Sequence[str]) -> Invocation:
+    """Exim-style options: modes are ``-bX`` flags, values may be attached
+    (``-Cfile``, ``-DNAME=value``) or follow as the next argument."""
+    inv = Invocation()
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("-") or arg == "-" or inv.mode in ("be", "bP") and inv.arguments:
+            inv.arguments.extend(args[i:])
+            break
+        if arg == "--":
+            inv.arguments.extend(args[i + 1:])
+            break
+        if arg.startswith("-C"):
+            inv.config_file, i = _attached_or_next(arg, 2, args, i)
+        elif arg.startswith("-D"):
+            text, i = _attached_or_next(arg, 2, args, i)
+            name, _, value = text.partition("=")
+            inv.defines[name.strip()] = value.strip()
+        elif arg in ("-be", "-bV", "-bP"):
+            inv.mode = arg[1:]
+        elif arg == "--version":
+            inv.mode = "bV"
+        else:
+            raise UsageError(f"exim-py: unknown or unsupported option {arg}")
+        i += 1
+    return inv
+
+
+def _attached_or_next(arg: str, prefix: int, args: list[str], i: int) -> tuple[str, int]:
+    if len(arg) > prefix:
+        return arg[prefix:], i
+    if i + 1 >= len(args):
+        raise UsageError(f"exim-py: string expected after {arg}")
+    return args[i + 1], i + 1
+
+
+def load(inv: Invocation):
+    """Load the configuration, printing Exim's error text on failure."""
+    from twisted_mta.config import ConfigError, load_config
+
+    path = inv.config_file or DEFAULT_CONFIG
+    try:
+        return load_config(path, defines=inv.defines or None)
+    except ConfigError as e:
+        sys.stderr.write(e.format(datetime.now()) + "\n")
+        sys.stderr.flush()
+        raise SystemExit(1) from None
+
+
+def version_text(config_path: str | None) -> str:
+    lines = [
+        f"Exim version {EXIM_COMPAT_VERSION} (exim-py {__version__})",
+        "Support for: crypteq IPv6 OpenSSL DANE DKIM DNSSEC Event OCSP PRDR PROXY SOCKS "
+        "SPF DMARC SRS DCC",
+        "Lookups (built-in): lsearch wildlsearch nwildlsearch iplsearch dnsdb dsearch redis",
+        "Routers: accept dnslookup ipliteral manualroute redirect",
+        "Transports: appendfile/maildir lmtp pipe smtp",
+    ]
+    if config_path:
+        lines.append(f"Configuration file is {config_path}")
+    return "\n".join(lines) + "\n"
+
+
+def caller_login() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``exim-py`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Work in bytes-as-Latin-1 like the rest of the program.
+    argv = [os.fsencode(a).decode("latin-1") for a in argv]
+    try:
+        inv = parse_arguments(argv)
+    except UsageError as e:
+        sys.stderr.write(f"{e}\n")
+        return 1
+    if inv.mode is None:
+        sys.stderr.write("exim-py: no mode given (try -be, -bV or -bP)\n")
+        return 1
+    config = load(inv)
+    out = sys.stdout.buffer
+    if inv.mode == "bV":
+        out.write(version_text(config.filename).encode("latin-1"))
+        out.flush()
+        return 0
+    if inv.mode == "bP":
+        return print_options(config, inv.arguments, out)
+    return expansion_test(config, inv.arguments, sys.stdin.buffer, out)
+
+
+def print_options(config, names: list[str], out: BinaryIO) -> int:
+    from twisted_mta.config import format_all_options, format_option
+
+    if not names:
+        out.write(format_all_options(config).encode("latin-1"))
+        return 0
+    status = 0
+    i = 0
+    while i < len(names):
+        name = names[i]
+        if name in ("router", "transport", "authenticator", "macro") and i + 1 < len(names):
+            name = f"{name} {names[i + 1]}"
+            i += 1
+        text, ok = format_option(config, name)
+        out.write(text.encode("latin-1"))
+        if not ok:
+            status = 1
+        i += 1
+    out.flush()
+    return status
+
+
+def expansion_test(config, strings: list[str], stdin: BinaryIO, out: BinaryIO) -> int:
+    """``-be``: expand each argument, or each line of standard input."""
+    from twisted.internet import task
+
+    def run(reactor):
+        from twisted.internet.defer import ensureDeferred
+
+        return ensureDeferred(_expansion_session(reactor, config, strings, stdin, out))
+
+    try:
+        task.react(run)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def _be_context(reactor, config):
+    from twisted.python.threadpool import ThreadPool
+
+    from twisted_mta.expand.context import ExpansionContext
+
+    pool = ThreadPool(minthreads=0, maxthreads=4, name="exim-py-be")
+    login = caller_login()
+    qualify = config.get("qualify_domain") or ""
+    variables = {
+        "sender_address": f"{login}@{qualify}",
+        "sender_address_local_part": login,
+        "sender_address_domain": qualify,
+        "authenticated_id": login,
+        "recipients": "",
+    }
+    variables["__environ__"] = kept_environment(config)
+    return ExpansionContext(config=config, reactor=reactor, variables=variables, threadpool=pool)
+
+
+def kept_environment(config) -> dict[str, str]:
+    """The environment Exim leaves: only ``keep_environment`` names, plus
+    ``add_environment`` settings."""
+    from twisted_mta.values import split_list
+
+    kept: dict[str, str] = {}
+    for name in split_list(config.get("keep_environment") or ""):
+        value = os.environ.get(name)
+        if value is not None:
+            kept[name] = os.fsencode(value).decode("latin-1")
+    for setting in split_list(config.get("add_environment") or ""):
+        name, _, value = setting.partition("=")
+        kept[name] = value
+    return kept
+
+
+async def _expansion_session(reactor, config, strings, stdin, out) -> None:
+    ctx = _be_context(reactor, config)
+    ctx.threadpool.start()
+    reactor.addSystemEventTrigger("during", "shutdown", ctx.threadpool.stop)
+    write = out.write
+    if strings:
+        for text in strings:
+            if len(text) > ARGUMENT_LIMIT:
+                sys.stderr.write(
+                    f"exim: length limit exceeded ({len(text)} > {ARGUMENT_LIMIT}) for: {text}\n"
+                )
+                raise SystemExit(1)
+            write(await expansion_test_line(ctx, config, text))
+    else:
+        while True:
+            write(b"> ")
+            out.flush()
+            line = read_input_line(stdin)
+            if line is None:
+                write(b"\n")
+                break
+            write(await expansion_test_line(ctx, config, line))
+    out.flush()
+
+
+def read_input_line(stdin: BinaryIO) -> str | None:
+    """One logical line: trailing blanks stripped, a trailing backslash
+    continues it onto the next line (whose leading blanks go)."""
+    pieces: list[str] = []
+    while True:
+        raw = stdin.readline()
+        if not raw:
+            return "".join(pieces) if pieces else None
+        text = raw.decode("latin-1").rstrip(" \t\n\r\f\v")
+        if pieces:
+            text = text.lstrip(" \t\n\r\f\v")
+        pieces.append(text)
+        if not text.endswith("\\"):
+            return "".join(pieces)
+        pieces[-1] = text[:-1]
+
+
+async def expansion_test_line(ctx, config, line: str) -> bytes:
+    """What ``-be`` prints for one string."""
+    from twisted_mta.config import ConfigError
+    from twisted_mta.expand.errors import ExpansionError
+    from twisted_mta.expand.evaluate import expand_string
+
+    text, _ = config.substitute_macros(line)
+    if text[:1].isupper() and text[:1].isascii():
+        try:
+            name = config.define_macro(text)
+        except ConfigError as e:
+            return f"{e.message}\n".encode("latin-1")
+        return f"Defined macro '{name}'\n".encode("latin-1")
+    try:
+        result = await expand_string(text, ctx)
+    except ExpansionError as e:
+        return f"Failed: {e.message}\n".encode("latin-1")
+    except Exception as e:  # a bug must not end the session: report it and go on
+        import traceback
+
+        traceback.print_exc()
+        return f"Failed: internal error: {type(e).__name__}: {e}\n".encode("latin-1")
+    return result.encode("latin-1") + b"\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,302 @@
+"""RFC 2822 address extraction, as Exim's parse.c does it.
+
+Used by the ``${address:}``, ``${addresses:}``, ``${domain:}`` and
+``${local_part:}`` operators.  Values are byte-per-character strings.  The
+main options that change parsing (allow_domain_literals, strip_trailing_dot,
+strip_excess_angle_brackets, allow_utf8_domains) are at Exim's defaults: off.
+"""
+
+from __future__ import annotations
+
+_SPACE = " \t\n\r\f\v"
+_SPECIALS = frozenset(' ()<>@,;:\\".[]\x7f')
+_EMAILADDR_MAX = 256
+
+
+def _special(c: str) -> bool:
+    """mac_iscntrl_or_special(); the end of the string counts as special."""
+    return c == "" or c < " " or c in _SPECIALS
+
+
+def _alnum(c: str) -> bool:
+    return c.isascii() and c.isalnum()
+
+
+class AddressError(Exception):
+    """The text is not a valid address; ``args[0]`` is Exim's reason."""
+
+
+class _Parser:
+    """One parse of one mailbox; mirrors parse_extract_address()."""
+
+    def __init__(self, text: str, allow_group: bool) -> None:
+        self.s = text
+        self.i = 0
+        self.allow_group = allow_group
+        self.found_group = False
+        self.last_comment = 0
+
+    def ch(self, offset: int = 0) -> str:
+        j = self.i + offset
+        return self.s[j] if j < len(self.s) else ""
+
+    def skip_comment(self) -> None:
+        self.last_comment = self.i
+        while self.i < len(self.s):
+            while self.ch() and self.ch() in _SPACE:
+                self.i += 1
+            if self.ch() != "(":
+                break
+            level = 1
+            self.i += 1
+            while self.i < len(self.s):
+                c = self.s[self.i]
+                self.i += 1
+                if c == "(":
+                    level += 1
+                elif c == ")":
+                    level -= 1
+                    if level <= 0:
+                        break
+                elif c == "\\" and self.i < len(self.s):
+                    self.i += 1
+
+    def read_local_part(self, allow_null: bool) -> str:
+        out: list[str] = []
+        while True:
+            self.skip_comment()
+            before = len(out)
+            if self.ch() == '"':
+                out.append('"')
+                self.i += 1
+                while self.ch() and self.ch() != '"':
+                    c = self.ch()
+                    out.append(c)
+                    self.i += 1
+                    if c == "\\" and self.ch():
+                        out.append(self.ch())
+                        self.i += 1
+                if self.ch() != '"':
+                    raise AddressError("unmatched doublequote in local part")
+                self.i += 1
+                out.append('"')
+            else:
+                while not _special(self.ch()) or self.ch() == "\\":
+                    c = self.ch()
+                    out.append(c)
+                    self.i += 1
+                    if c == "\\" and self.ch():
+                        out.append(self.ch())
+                        self.i += 1
+            self.skip_comment()
+            if len(out) == before and self.ch() != ".":
+                if not out and not allow_null:
+                    raise AddressError("missing or malformed local part")
+                return "".join(out)
+            if self.ch() != ".":
+                return "".join(out)
+            while self.ch() == ".":
+                out.append(".")
+                self.i += 1
+
+    def read_domain(self) -> str:
+        self.skip_comment()
+        if self.ch() == "[":
+            # Domain literals are off by default (allow_domain_literals).
+            raise AddressError("domain literals not allowed")
+        out: list[str] = []
+        while True:
+            start = len(out)
+            if self.ch() != "-":
+                while _alnum(self.ch()) or self.ch() == "-":
+                    out.append(self.ch())
+                    self.i += 1
+            self.skip_comment()
+            if len(out) == start:
+                raise AddressError("domain missing or malformed")
+            if self.ch() != ".":
+                return "".join(out)
+            out.append(".")
+            self.i += 1
+            self.skip_comment()
+
+    def read_route(self) -> None:
+        commas = False
+        while self.ch() == "@":
+            self.i += 1
+            self.read_domain()
+            if self.ch() != ",":
+                break
+            self.i += 1
+            commas = True
+            self.skip_comment()
+        if self.ch() == ":":
+            self.i += 1
+        else:
+            raise AddressError("colon expected after route list" if commas else "no local part")
+        self.skip_comment()
+
+    def read_addr_spec(self, term: str) -> tuple[str, int]:
+        """local-part[@domain]; returns the address and the domain offset."""
+        local = self.read_local_part(False)
+        if self.ch() == term:
+            return local, 0
+        if self.ch() != "@":
+            raise AddressError(f'"@" or "." expected after "{local}"')
+        self.i += 1
+        return f"{local}@{self.read_domain()}", len(local) + 1
+
+    def extract(self) -> tuple[str, int, int, int]:
+        """Returns (address, domain offset or 0, start, end)."""
+        try:
+            return self._extract()
+        except AddressError:
+            if self.found_group and self.ch() == ";":
+                self.found_group = False
+                self.allow_group = True
+            raise
+
+    def _extract(self) -> tuple[str, int, int, int]:
+        domain = 0
+        while True:  # restarts after a group name
+            self.skip_comment()
+            start = self.i
+            address = self.read_local_part(True)
+            if self.ch() in ("@", "<"):
+                break
+            if self.ch() in ("", ";"):
+                if not address:
+                    raise AddressError("empty address")
+                return self._finish(address, 0, start, self.last_comment)
+            while self.ch() != "<" and not (self.allow_group and self.ch() == ":"):
+                try:
+                    self.read_local_part(False)
+                except AddressError as e:
+                    raise AddressError(f'{e.args[0]} (expected word or "<")') from None
+            if self.ch() == ":":
+                self.found_group = True
+                self.allow_group = False
+                self.i += 1
+                continue
+            break
+
+        if self.ch() == "<":
+            self.i += 1
+            start = self.i
+            self.skip_comment()
+            routed = False
+            if self.ch() == "@":
+                self.read_route()
+                routed = True
+            address, domain = self.read_addr_spec(">")
+            if routed and domain == 0:
+                raise AddressError("domain missing in source-routed address")
+            end = self.i
+            if self.ch() != ">":
+                self.i += 1
+                if self.i > len(self.s):
+                    raise AddressError("'>' missing at end of address")
+                raise AddressError(
+                    f"malformed address: {self.s[self.i - 1:self.i + 31]} may not follow "
+                    f"{self.s[:self.i - 1]}"
+                )
+            self.i += 1
+            self.skip_comment()
+        elif not address:
+            self.read_route()
+            address, domain = self.read_addr_spec("")
+            end = self.last_comment
+            if domain == 0:
+                raise AddressError("domain missing in source-routed address")
+        else:
+            self.i += 1
+            domain = len(address) + 1
+            address = f"{address}@{self.read_domain()}"
+            end = self.last_comment
+        return self._finish(address, domain, start, end)
+
+    def _finish(self, address: str, domain: int, start: int, end: int) -> tuple[str, int, int, int]:
+        if self.ch():
+            if self.found_group and self.ch() == ";":
+                self.found_group = False
+                self.allow_group = True
+            else:
+                raise AddressError(
+                    f"malformed address: {self.s[self.i:self.i + 32]} may not follow {self.s[:self.i]}"
+                )
+        while end > 0 and self.s[end - 1] in _SPACE:
+            end -= 1
+        if end - start > _EMAILADDR_MAX:
+            raise AddressError(f"address is ridiculously long: {address[:64]}...")
+        return address, domain, start, end
+
+
+def extract_address(mailbox: str) -> tuple[str, int]:
+    """The operative address in an RFC 2822 mailbox and the offset of its
+    domain (0 if it has none); raises AddressError."""
+    address, domain, _start, _end = _Parser(mailbox, False).extract()
+    return address, domain
+
+
+def find_address_end(s: str, pos: int = 0) -> int:
+    """Index of the comma (or end) ending the address at *pos*, skipping
+    quotes, comments and commas inside a source route; parse_find_address_end()."""
+    n = len(s)
+    source_routing = pos < n and s[pos] == "@"
+    no_term = 1 if source_routing else 0
+    i = pos
+    while i < n and (s[i] != "," or no_term > 0):
+        c = s[i]
+        if c == "\\" and i + 1 < n:
+            i += 2
+        elif c == '"':
+            i += 1
+            while i < n:
+                if s[i] == "\\" and i + 1 < n:
+                    i += 1
+                elif s[i] == '"':
+                    i += 1
+                    break
+                i += 1
+        elif c == "(":
+            level = 1
+            i += 1
+            while i < n:
+                if s[i] == "\\" and i + 1 < n:
+                    i += 1
+                elif s[i] == "(":
+                    level += 1
+                elif s[i] == ")":
+                    level -= 1
+                    if level <= 0:
+                        i += 1
+                        break
+                i += 1
+        else:
+            if c == "<":
+                source_routing = i + 1 < n and s[i + 1] == "@"
+                no_term = 2 if source_routing else 1
+            elif c == ">" or source_routing and c == ":":
+                no_term -= 1
+            i += 1
+    return i
+
+
+def extract_addresses(text: str, sep: str = ":") -> list[str]:
+    """Every valid address in a comma-separated header value, with group
+    syntax allowed; invalid entries are skipped, as ``${addresses:}`` does."""
+    found: list[str] = []
+    allow_group, found_group = True, False
+    pos = 0
+    while True:
+        end = find_address_end(text, pos)
+        parser = _Parser(text[pos:end], allow_group)
+        parser.found_group = found_group
+        try:
+            found.append(parser.extract()[0])
+        except AddressError:
+            pass
+        allow_group, found_group = parser.allow_group, parser.found_group
+        if end >= len(text):
+            return found
+        pos = end + 1

@@ -1,0 +1,117 @@
+"""Exim's readers and printers for numbers, times and lists.
+
+Shared by the configuration reader and the expansion engine, so an option and
+``${time_eval:}`` agree on what ``1h30m`` means.
+"""
+
+from __future__ import annotations
+
+import re
+
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_TIME_PART = re.compile(r"(\d+)([smhdw])")
+_SIZE_SUFFIX = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+
+
+def parse_time(text: str) -> int | None:
+    """Seconds in an Exim time interval such as ``1h30m``; None if malformed.
+
+    A bare number is not a time interval, as in Exim."""
+    if not text:
+        return None
+    total = 0
+    pos = 0
+    while pos < len(text):
+        m = _TIME_PART.match(text, pos)
+        if m is None:
+            return None
+        total += int(m.group(1)) * _TIME_UNITS[m.group(2)]
+        pos = m.end()
+    return total
+
+
+def format_time(seconds: int) -> str:
+    """Print *seconds* as Exim does (``5400`` -> ``1h30m``; 0 -> ``0s``)."""
+    if seconds <= 0:
+        return "0s"
+    parts = []
+    for unit in "wdhms":
+        size = _TIME_UNITS[unit]
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
+
+
+def parse_integer(text: str, *, decimal_only: bool = False) -> int | None:
+    """An integer with an optional K/M/G suffix, None if malformed.
+
+    Leading ``0`` means octal and ``0x`` hex unless *decimal_only*."""
+    m = re.fullmatch(r"\s*([-+]?)(0[xX][0-9a-fA-F]+|\d+)([kKmMgG]?)\s*", text)
+    if m is None:
+        return None
+    sign, digits, suffix = m.groups()
+    if decimal_only:
+        if digits[:2].lower() == "0x":
+            return None
+        value = int(digits, 10)
+    elif digits[:2].lower() == "0x":
+        value = int(digits, 16)
+    elif len(digits) > 1 and digits[0] == "0":
+        try:
+            value = int(digits, 8)
+        except ValueError:
+            return None
+    else:
+        value = int(digits)
+    if suffix:
+        value *= _SIZE_SUFFIX[suffix.lower()]
+    return -value if sign == "-" else value
+
+
+def list_separator(text: str, default: str = ":") -> tuple[str, str]:
+    """Split a ``<c`` separator change off the start of a list.
+
+    Returns (separator, the rest of the list)."""
+    stripped = text.lstrip()
+    if len(stripped) >= 2 and stripped[0] == "<" and _is_separator_char(stripped[1]):
+        return stripped[1], stripped[2:]
+    return default, text
+
+
+def _is_separator_char(c: str) -> bool:
+    o = ord(c)
+    return o < 32 or o == 127 or (c.isascii() and not c.isalnum() and not c.isspace())
+
+
+def split_list(text: str, default: str = ":") -> list[str]:
+    """The items of an Exim list: ``::`` is a literal colon (any doubled
+    separator is literal), items are trimmed, and a trailing empty item is
+    dropped, as in Exim's ``string_nextinlist()``."""
+    sep, rest = list_separator(text, default)
+    return split_list_with(rest, sep)
+
+
+def split_list_with(rest: str, sep: str) -> list[str]:
+    """Split *rest* on the given separator (no ``<c`` prefix processing)."""
+    items: list[str] = []
+    pos = 0
+    n = len(rest)
+    while True:
+        while pos < n and rest[pos].isspace() and rest[pos] != sep:
+            pos += 1
+        if pos >= n:
+            return items
+        chunk: list[str] = []
+        while pos < n:
+            c = rest[pos]
+            if c == sep:
+                if pos + 1 < n and rest[pos + 1] == sep:
+                    chunk.append(sep)
+                    pos += 2
+                    continue
+                pos += 1
+                break
+            chunk.append(c)
+            pos += 1
+        items.append("".join(chunk).rstrip())
