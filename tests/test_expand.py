@@ -5,24 +5,12 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
+from tests.fakes import FakeConfig
 from twisted_mta.expand import parser as expand_parser
 from twisted_mta.expand.context import ExpansionContext
 from twisted_mta.expand.errors import ExpansionError, ForcedFailure, TaintError
 from twisted_mta.expand.evaluate import expand_deferred, expand_now
 from twisted_mta.taint import Tainted, is_tainted
-
-
-class FakeConfig:
-    """Just enough configuration for the engine."""
-
-    def __init__(self, **options) -> None:
-        self.options = options
-        self.named_lists = {"domain": {}, "host": {}, "address": {}, "localpart": {}}
-        self.acls = {}
-        self.filename = "/dev/null"
-
-    def get(self, name, default=None):
-        return self.options.get(name, default)
 
 
 def context(**variables) -> ExpansionContext:

@@ -12,6 +12,7 @@ import tempfile
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
+from tests.fakes import fails
 from twisted_mta.expand.context import ExpansionContext
 from twisted_mta.expand.errors import ExpansionError, LookupDefer, TaintError
 from twisted_mta.interfaces import ILookup
@@ -53,13 +54,6 @@ def corpus_rows() -> list[tuple[str, str]]:
     return rows
 
 
-async def fails(awaitable, exc_type):
-    """Await *awaitable*, which must raise *exc_type*; return the exception."""
-    try:
-        await awaitable
-    except exc_type as e:
-        return e
-    raise AssertionError(f"{exc_type.__name__} not raised")
 
 
 _ROW = re.compile(r"^\$\{lookup\{([^}]*)\}([^{]+)\{/EXPCORPUS/([^}]*)\}(.*)\}$")

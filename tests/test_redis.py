@@ -6,28 +6,13 @@ from __future__ import annotations
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from tests.fakes import FakeConfig, fails
 from tests.peers import RedisServer, free_port
 from twisted_mta.expand.context import ExpansionContext
 from twisted_mta.expand.errors import LookupDefer
 from twisted_mta.lookups import parse_lookup_type, quote_for_lookup, search_find
 from twisted_mta.lookups.redis import RedisLookup, parse_server, reply_text, split_command
 from twisted_mta.taint import taint
-
-
-class FakeConfig:
-    def __init__(self, **options: str) -> None:
-        self.options = options
-
-    def get(self, name: str, default: object = None) -> object:
-        return self.options.get(name, default)
-
-
-async def fails(awaitable, exc_type):
-    try:
-        await awaitable
-    except exc_type as e:
-        return e
-    raise AssertionError(f"{exc_type.__name__} not raised")
 
 
 class UnitTests(unittest.TestCase):

@@ -152,22 +152,47 @@ def print_options(config, names: list[str], out: BinaryIO) -> int:
 
 
 def expansion_test(config, strings: list[str], stdin: BinaryIO, out: BinaryIO) -> int:
-    """``-be``: expand each argument, or each line of standard input."""
-    from twisted.internet import task
+    """``-be``: expand each argument, or each line of standard input.
 
-    def run(reactor):
-        from twisted.internet.defer import ensureDeferred
+    The reactor is started only if an expansion has to wait (a network
+    lookup, ``${run}``...): most sessions never need it, and importing it
+    would double the command's start-up time."""
+    from twisted.internet.defer import Deferred
 
-        return ensureDeferred(_expansion_session(reactor, config, strings, stdin, out))
-
+    ctx = _be_context(config)
+    ctx.threadpool.start()
     try:
-        task.react(run)
-    except SystemExit as e:
-        return int(e.code or 0)
+        done = Deferred.fromCoroutine(_expansion_session(ctx, config, strings, stdin, out))
+        if not done.called:
+            from twisted.internet import reactor
+
+            done.addBoth(_stop_reactor, reactor)
+            reactor.run()
+        outcome: list = []
+        done.addBoth(outcome.append)
+    finally:
+        ctx.threadpool.stop()
+    result = outcome[0]
+    if hasattr(result, "raiseException"):
+        result.raiseException()
     return 0
 
 
-def _be_context(reactor, config):
+def _stop_reactor(result, reactor):
+    reactor.stop()
+    return result
+
+
+class LazyReactor:
+    """Twisted's global reactor, imported when first used."""
+
+    def __getattr__(self, name: str):
+        from twisted.internet import reactor
+
+        return getattr(reactor, name)
+
+
+def _be_context(config):
     from twisted.python.threadpool import ThreadPool
 
     from twisted_mta.expand.context import ExpansionContext
@@ -183,7 +208,9 @@ def _be_context(reactor, config):
         "recipients": "",
     }
     variables["__environ__"] = kept_environment(config)
-    return ExpansionContext(config=config, reactor=reactor, variables=variables, threadpool=pool)
+    return ExpansionContext(
+        config=config, reactor=LazyReactor(), variables=variables, threadpool=pool
+    )
 
 
 def kept_environment(config) -> dict[str, str]:
@@ -202,10 +229,7 @@ def kept_environment(config) -> dict[str, str]:
     return kept
 
 
-async def _expansion_session(reactor, config, strings, stdin, out) -> None:
-    ctx = _be_context(reactor, config)
-    ctx.threadpool.start()
-    reactor.addSystemEventTrigger("during", "shutdown", ctx.threadpool.stop)
+async def _expansion_session(ctx, config, strings, stdin, out) -> None:
     write = out.write
     if strings:
         for text in strings:

@@ -115,3 +115,32 @@ def split_list_with(rest: str, sep: str) -> list[str]:
             chunk.append(c)
             pos += 1
         items.append("".join(chunk).rstrip())
+
+
+def interpret_escape(s: str, i: int) -> tuple[str, int]:
+    """Exim's backslash escape whose backslash is at *i*: returns the
+    character and the position after the escape (``\\ooo`` takes at most
+    three octal digits, ``\\xhh`` at most two hex digits)."""
+    if i + 1 >= len(s):
+        return "\\", i + 1
+    c = s[i + 1]
+    j = i + 2
+    if "0" <= c <= "7":
+        value = ord(c) - 48
+        for _ in range(2):
+            if j < len(s) and "0" <= s[j] <= "7":
+                value = value * 8 + ord(s[j]) - 48
+                j += 1
+            else:
+                break
+        return chr(value & 0xFF), j
+    if c == "x":
+        value = 0
+        for _ in range(2):
+            if j < len(s) and s[j] in "0123456789abcdefABCDEF":
+                value = value * 16 + int(s[j], 16)
+                j += 1
+            else:
+                break
+        return chr(value), j
+    return {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}.get(c, c), j

@@ -358,15 +358,20 @@ _register("forall forany forall_json forany_json forall_jsons forany_jsons", _pa
 # -- acl ----------------------------------------------------------------------------
 
 
-def _parse_acl(p: Parser, name: str, negated: bool, pos: int) -> tuple[Condition, int]:
-    pos = p.skip_space(pos)
-    if p.char(pos) != "{":
-        raise _curly_start(name)
-    args, pos = p.read_subs(pos + 1, 10, 1, False, name)
-    pos = p.skip_space(pos)
-    if p.char(pos) != "}":
-        raise _curly_end(name)
-    return Condition(name, negated, args, _test_acl), pos + 1
+def _braced_subs(most: int, least: int, test: Callable) -> CondParser:
+    """``name{{a}{b}...}``: arguments inside one more pair of braces."""
+
+    def parse(p: Parser, name: str, negated: bool, pos: int) -> tuple[Condition, int]:
+        pos = p.skip_space(pos)
+        if p.char(pos) != "{":
+            raise _curly_start(name)
+        args, pos = p.read_subs(pos + 1, most, least, False, name)
+        pos = p.skip_space(pos)
+        if p.char(pos) != "}":
+            raise _curly_end(name)
+        return Condition(name, negated, args, test), pos + 1
+
+    return parse
 
 
 async def _test_acl(ev: Evaluation, c: Condition) -> bool:
@@ -383,21 +388,10 @@ async def _test_acl(ev: Evaluation, c: Condition) -> bool:
     raise ExpansionError(f'{verdict.upper()} from acl "{values[0]}"')
 
 
-_register("acl", _parse_acl)
+_register("acl", _braced_subs(10, 1, _test_acl))
 
 
-def _parse_saslauthd(p: Parser, name: str, negated: bool, pos: int) -> tuple[Condition, int]:
-    pos = p.skip_space(pos)
-    if p.char(pos) != "{":
-        raise _curly_start(name)
-    args, pos = p.read_subs(pos + 1, 4, 2, False, name)
-    pos = p.skip_space(pos)
-    if p.char(pos) != "}":
-        raise _curly_end(name)
-    return Condition(name, negated, args, _test_not_compiled), pos + 1
-
-
-_register("saslauthd", _parse_saslauthd)
+_register("saslauthd", _braced_subs(4, 2, _test_not_compiled))
 
 
 def _parse_inbound_srs(p: Parser, name: str, negated: bool, pos: int) -> tuple[Condition, int]:

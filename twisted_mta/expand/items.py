@@ -192,12 +192,6 @@ ITEM_PARSERS["tr"] = _subs_item(3, 3, _run_tr)
 ITEM_PARSERS["listquote"] = _subs_item(2, 2, _run_listquote)
 
 
-@item("substr")
-def _parse_substr_item(p: Parser, name: str, pos: int) -> tuple[Item, int]:
-    args, pos = p.read_subs(pos, 3, 2, True, name)
-    return Item(name, args, _run_substr_item), pos
-
-
 async def _run_substr_item(ev: Evaluation, it: Item) -> str:
     a = await it.arg_values(ev)
     if len(a) == 2:
@@ -673,23 +667,11 @@ async def _run_imapfolder(ev: Evaluation, it: Item) -> str:
 ITEM_PARSERS["imapfolder"] = _subs_item(3, 1, _run_imapfolder)
 
 
-@item("prvs")
-def _parse_prvs(p: Parser, name: str, pos: int) -> tuple[Item, int]:
-    args, pos = p.read_subs(pos, 3, 2, True, name)
-    return Item(name, args, _run_prvs), pos
-
-
 async def _run_prvs(ev: Evaluation, it: Item) -> str:
     from twisted_mta.expand.prvs import prvs_encode
 
     values = await it.arg_values(ev)
     return prvs_encode(values[0], values[1], values[2] if len(values) > 2 else "0", _now(ev))
-
-
-@item("prvscheck")
-def _parse_prvscheck(p: Parser, name: str, pos: int) -> tuple[Item, int]:
-    args, pos = p.read_subs(pos, 3, 2, True, name)
-    return Item(name, args, _run_prvscheck), pos
 
 
 async def _run_prvscheck(ev: Evaluation, it: Item) -> str:
@@ -750,3 +732,12 @@ def imap_folder(name: str, sep: str, specials: str) -> str:
             pending.append(c)
     flush()
     return "".join(out)
+
+
+ITEM_PARSERS["substr"] = _subs_item(3, 2, _run_substr_item)
+
+
+ITEM_PARSERS["prvs"] = _subs_item(3, 2, _run_prvs)
+
+
+ITEM_PARSERS["prvscheck"] = _subs_item(3, 2, _run_prvscheck)

@@ -31,7 +31,7 @@ from twisted_mta.expand.addresses import (
 )
 from twisted_mta.expand.arith import eval_expression
 from twisted_mta.expand.errors import ExpansionError
-from twisted_mta.values import parse_time, split_list
+from twisted_mta.values import interpret_escape, parse_time, split_list
 
 with warnings.catch_warnings():
     # crypt is deprecated (removed in 3.13) but is the only stdlib crypt(3).
@@ -343,7 +343,7 @@ def dequote(s: str, pos: int = 0) -> tuple[str, int]:
     i = pos + 1
     while i < n and s[i] != '"':
         if s[i] == "\\":
-            ch, i = _interpret_escape(s, i)
+            ch, i = interpret_escape(s, i)
             out.append(ch)
         else:
             out.append(s[i])
@@ -351,33 +351,6 @@ def dequote(s: str, pos: int = 0) -> tuple[str, int]:
     if i < n:
         i += 1
     return "".join(out), i
-
-
-def _interpret_escape(s: str, i: int) -> tuple[str, int]:
-    """string_interpret_escape() at the backslash at *i*."""
-    if i + 1 >= len(s):
-        return "\\", i + 1
-    c = s[i + 1]
-    j = i + 2
-    if "0" <= c <= "7":
-        value = ord(c) - 48
-        for _ in range(2):
-            if j < len(s) and "0" <= s[j] <= "7":
-                value = value * 8 + ord(s[j]) - 48
-                j += 1
-            else:
-                break
-        return chr(value & 0xFF), j
-    if c == "x":
-        value = 0
-        for _ in range(2):
-            if j < len(s) and s[j] in "0123456789abcdefABCDEF":
-                value = value * 16 + int(s[j], 16)
-                j += 1
-            else:
-                break
-        return chr(value), j
-    return {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}.get(c, c), j
 
 
 def extract_keyed(key: str, s: str) -> str | None:

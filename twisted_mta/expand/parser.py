@@ -25,10 +25,9 @@ from twisted_mta.expand.nodes import (
     YesNo,
 )
 from twisted_mta.expand.variables import variable_getter
+from twisted_mta.values import interpret_escape
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-_OCTAL = "01234567"
-_HEX = "0123456789abcdefABCDEF"
 _HEADER_PREFIXES = ("h_", "header_", "rh_", "rheader_", "lh_", "lheader_", "bh_", "bheader_")
 
 #: Operators whose name contains an underscore that is not an argument.
@@ -86,30 +85,7 @@ class Parser:
 
     def escape(self, pos: int) -> tuple[str, int]:
         """Interpret the escape whose backslash is at *pos*."""
-        s, n = self.s, self.n
-        p = pos + 1
-        c = s[p]
-        if c in _OCTAL:
-            value = ord(c) - 48
-            p += 1
-            for _ in range(2):
-                if p < n and s[p] in _OCTAL:
-                    value = value * 8 + ord(s[p]) - 48
-                    p += 1
-                else:
-                    break
-            return chr(value & 0xFF), p
-        if c == "x":
-            value = 0
-            p += 1
-            for _ in range(2):
-                if p < n and s[p] in _HEX:
-                    value = value * 16 + int(s[p], 16)
-                    p += 1
-                else:
-                    break
-            return chr(value), p
-        return _SIMPLE_ESCAPES.get(c, c), p + 1
+        return interpret_escape(self.s, pos)
 
     def remaining(self, pos: int) -> str:
         return self.s[pos:]
@@ -313,8 +289,6 @@ class Parser:
             raise ExpansionError(f'unknown condition "{name}"')
         return cond_parser(self, name, negated, pos)
 
-
-_SIMPLE_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
 
 
 def _header_prefix(name: str) -> str | None:

@@ -26,16 +26,25 @@ from twisted_mta.values import split_list_with
 _PUNCT = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 # Modules whose import registers the built-in lookup types.
-_BUILTIN_MODULES = (
-    "twisted_mta.lookups.lsearch",
-    "twisted_mta.lookups.dsearch",
-    "twisted_mta.lookups.dnsdb",
-    "twisted_mta.lookups.redis",
-    "twisted_mta.lookups.quoting",
-)
+# Built-in lookup types and the module that registers each.  Modules load on
+# first use: redis and dnsdb pull in heavy libraries that most commands never
+# need.
+_BUILTIN_MODULES = {
+    "lsearch": "twisted_mta.lookups.lsearch",
+    "wildlsearch": "twisted_mta.lookups.lsearch",
+    "nwildlsearch": "twisted_mta.lookups.lsearch",
+    "iplsearch": "twisted_mta.lookups.lsearch",
+    "dsearch": "twisted_mta.lookups.dsearch",
+    "dnsdb": "twisted_mta.lookups.dnsdb",
+    "redis": "twisted_mta.lookups.redis",
+    "mysql": "twisted_mta.lookups.quoting",
+    "pgsql": "twisted_mta.lookups.quoting",
+    "ldap": "twisted_mta.lookups.quoting",
+    "ldapdn": "twisted_mta.lookups.quoting",
+    "ldapm": "twisted_mta.lookups.quoting",
+}
 
 _registry: dict[str, Any] = {}
-_builtins_loaded = False
 
 
 @dataclass(frozen=True)
@@ -103,17 +112,16 @@ def register_lookup(provider: Any) -> None:
 
 
 def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        for module in _BUILTIN_MODULES:
-            importlib.import_module(module)
+    for module in set(_BUILTIN_MODULES.values()):
+        importlib.import_module(module)
 
 
 def get_lookup(name: str) -> Any:
     """The L{ILookup} provider for *name*; ExpansionError if there is none."""
-    _load_builtins()
     provider = _registry.get(name)
+    if provider is None and name in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[name])
+        provider = _registry.get(name)
     if provider is None:
         raise ExpansionError(f'unknown lookup type "{name}"')
     return provider
