@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 from twisted.trial import unittest
 
@@ -57,8 +58,9 @@ class ExpansionCorpusTests(unittest.TestCase):
     def setUp(self) -> None:
         if not os.path.exists(EXPAND):
             raise unittest.SkipTest("the shared reference corpus is not present")
-        self.dir = os.path.abspath(self.mktemp()) + "/"
-        os.makedirs(self.dir)
+        # A short directory: the Unix socket's path must fit in 108 bytes.
+        self.dir = tempfile.mkdtemp(prefix="expcorpus") + "/"
+        self.addCleanup(shutil.rmtree, self.dir, True)
         for name in os.listdir(os.path.join(EXPAND, "data")):
             source = os.path.join(EXPAND, "data", name)
             target = os.path.join(self.dir, name)

@@ -11,6 +11,9 @@ from datetime import datetime
 from typing import BinaryIO
 
 from twisted_mta import EXIM_COMPAT_VERSION, __version__
+from twisted_mta.config import ConfigError
+from twisted_mta.expand.errors import ExpansionError
+from twisted_mta.expand.evaluate import expand_string
 
 #: The configuration used when no ``-C`` is given.
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "etc", "exim-py.conf")
@@ -73,7 +76,7 @@ def _attached_or_next(arg: str, prefix: int, args: list[str], i: int) -> tuple[s
 
 def load(inv: Invocation):
     """Load the configuration, printing Exim's error text on failure."""
-    from twisted_mta.config import ConfigError, load_config
+    from twisted_mta.config import load_config
 
     path = inv.config_file or DEFAULT_CONFIG
     try:
@@ -270,10 +273,6 @@ def read_input_line(stdin: BinaryIO) -> str | None:
 
 async def expansion_test_line(ctx, config, line: str) -> bytes:
     """What ``-be`` prints for one string."""
-    from twisted_mta.config import ConfigError
-    from twisted_mta.expand.errors import ExpansionError
-    from twisted_mta.expand.evaluate import expand_string
-
     text, _ = config.substitute_macros(line)
     if text[:1].isupper() and text[:1].isascii():
         try:

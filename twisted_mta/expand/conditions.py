@@ -220,27 +220,27 @@ _LIST_KIND = {
 
 
 async def _test_match_list(ev: Evaluation, c: Condition) -> bool:
-    from twisted_mta.lists import HostIdentity, match_list
+    from twisted_mta.lists import ListDefer, ip_version, match_list
 
     subject = await c.args[0].run(ev)
     list_text = await c.args[1].run(ev)
     kind = _LIST_KIND[c.name]
-    host = None
-    if kind == "host":
-        if not subject:
-            host = None
-        else:
-            host = HostIdentity(address=subject, name=None)
+    if kind == "host" and subject and not ip_version(subject):
+        raise ExpansionError(f'"{subject}" is not an IP address')
     try:
-        found = await match_list(subject, list_text, kind, ev.ctx, host=host)
+        # match_ip matches IP items only: no host name is looked up.
+        found = await match_list(subject, list_text, kind, ev.ctx, host=None)
     except ForcedFailure:
         return False
+    except ListDefer as e:
+        raise ExpansionError(
+            f'unable to complete match against "{list_text}": {e.message}'
+        ) from None
     if found is None:
         return False
-    ev.value = found.item
-    data_var = {"domain": "domain_data", "localpart": "local_part_data"}.get(kind)
-    if data_var is not None:
-        ev.ctx.variables[data_var] = found.data or ""
+    # As in Exim, the condition sets $value but leaves $domain_data and
+    # friends alone: only ACLs and routers set those.
+    ev.value = found.value
     return True
 
 

@@ -9,6 +9,7 @@ reported here, so the unused arm of an ``${if}`` fails just as in Exim.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from twisted_mta.expand import conditions, items, operators_ctx
@@ -38,6 +39,11 @@ _UNDERSCORE_OPERATORS = frozenset(
         "utf8_localpart_from_alabel", "utf8_localpart_to_alabel",
     )
 )
+
+
+# A run of characters with no meaning to the parser: everything up to the next
+# "$", "}" or backslash.
+_TEXT_RUN = re.compile(r"[^$}\\]*")
 
 
 def _is_alpha(c: str) -> bool:
@@ -124,9 +130,7 @@ class Parser:
             if ket_ends and c == "}":
                 break
             if c != "$" or not honour_dollar:
-                end = pos + 1
-                while end < n and s[end] not in "$}\\":
-                    end += 1
+                end = _TEXT_RUN.match(s, pos + 1).end()
                 text.append(s[pos:end])
                 pos = end
                 continue
