@@ -1,8 +1,10 @@
 """Replay Exim 4.96's recorded ``-be`` results through ``exim-py -be``.
 
-Every row of ``corpora/expand/expand-corpus.tsv`` runs through the real
-command.  A row that differs must be listed, with its reason, in
-``tests/data/expand-known-differences.tsv``; at least 95% must match.
+Two corpora run through the real command: the shared
+``corpora/expand/expand-corpus.tsv`` and our own ``tests/data/expand-extra.tsv``
+(1,125 further strings recorded from ``exim4 -be`` with the same
+configuration and data files).  A row that differs must be listed, with its
+reason, in the corpus's known-differences file; at least 95% must match.
 """
 
 from __future__ import annotations
@@ -19,15 +21,15 @@ from twisted.trial import unittest
 from tests.corpus import CORPORA, decode_corpus_field, exim_py_command
 
 EXPAND = os.path.join(CORPORA, "expand")
-KNOWN = os.path.join(os.path.dirname(__file__), "data", "expand-known-differences.tsv")
+DATA = os.path.join(os.path.dirname(__file__), "data")
 SEPARATOR = "@@corpus-separator@@"
 PLACEHOLDER = "/EXPCORPUS/"
 CORPUS_PORT = "127.0.0.1:27555"
 
 
-def load_rows() -> list[tuple[str, str]]:
+def load_rows(path: str) -> list[tuple[str, str]]:
     rows = []
-    with open(os.path.join(EXPAND, "expand-corpus.tsv"), encoding="latin-1") as f:
+    with open(path, encoding="latin-1") as f:
         for line in f:
             line = line.rstrip("\n")
             if not line:
@@ -37,9 +39,9 @@ def load_rows() -> list[tuple[str, str]]:
     return rows
 
 
-def load_known() -> dict[str, str]:
+def load_known(path: str) -> dict[str, str]:
     known = {}
-    with open(KNOWN, encoding="latin-1") as f:
+    with open(path, encoding="latin-1") as f:
         for line in f:
             if line.startswith("#") or not line.strip():
                 continue
@@ -54,7 +56,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ExpansionCorpusTests(unittest.TestCase):
+class ExpansionCorpusMixin:
+    """Runs one corpus file against ``exim-py -be``."""
+
+    corpus: str
+    known_differences: str
+
     def setUp(self) -> None:
         if not os.path.exists(EXPAND):
             raise unittest.SkipTest("the shared reference corpus is not present")
@@ -126,8 +133,8 @@ class ExpansionCorpusTests(unittest.TestCase):
         return pieces[:-1]
 
     def test_corpus(self) -> None:
-        rows = load_rows()
-        known = load_known()
+        rows = load_rows(self.corpus)
+        known = load_known(self.known_differences)
         strings = [self.localise(s) for s, _ in rows]
         outputs = self.run_exim_py(strings)
         self.assertEqual(len(outputs), len(rows))
@@ -149,3 +156,13 @@ class ExpansionCorpusTests(unittest.TestCase):
                       + "\n".join(unexpected))
         self.assertEqual(fixed, [], "rows listed as known differences now match: unlist them")
         self.assertGreaterEqual(matched / len(rows), 0.95, f"{matched}/{len(rows)} rows match")
+
+
+class SharedCorpusTests(ExpansionCorpusMixin, unittest.TestCase):
+    corpus = os.path.join(EXPAND, "expand-corpus.tsv")
+    known_differences = os.path.join(DATA, "expand-known-differences.tsv")
+
+
+class ExtraCorpusTests(ExpansionCorpusMixin, unittest.TestCase):
+    corpus = os.path.join(DATA, "expand-extra.tsv")
+    known_differences = os.path.join(DATA, "expand-extra-known-differences.tsv")

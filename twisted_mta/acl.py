@@ -20,7 +20,14 @@ _MODIFIERS = frozenset(
     ("message", "log_message", "logwrite", "control", "add_header", "remove_header",
      "delay", "log_reject_target", "queue", "udpsend", "continue")
 )
-_FINAL_VERBS = frozenset(("accept", "deny", "defer", "discard", "drop"))
+_RC_NAMES = {"defer": "DEFER", "drop": "FAIL_DROP", "discard": "DISCARD", "error": "ERROR"}
+
+
+def acl_failure(verdict: str, name: str) -> ExpansionError:
+    """The expansion failure for an ACL that neither accepted nor denied:
+    a defer is a forced failure, the rest are errors."""
+    text = f'{_RC_NAMES.get(verdict, verdict.upper())} from acl "{name}"'
+    return ForcedFailure(text) if verdict == "defer" else ExpansionError(text)
 
 
 class AclResult:
@@ -38,6 +45,9 @@ async def run_acl_for_expansion(
 
     Returns (verdict, message): verdict is accept, deny, defer, discard, drop
     or error."""
+    if not name:
+        # An empty ACL denies, as in Exim.
+        return "deny", None
     config = ev.ctx.config
     acl = None if config is None else getattr(config, "acls", {}).get(name)
     if acl is None:
@@ -124,5 +134,5 @@ async def _condition(ev: Evaluation, entry: Any) -> bool:
             return True
         if verdict == "deny":
             return False
-        raise ExpansionError(f'{verdict.upper()} from acl "{sub_name}"')
+        raise acl_failure(verdict, sub_name)
     raise ExpansionError(f'ACL condition "{name}" is not yet supported')

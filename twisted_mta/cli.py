@@ -208,6 +208,8 @@ def _be_context(config):
         "sender_address_local_part": login,
         "sender_address_domain": qualify,
         "authenticated_id": login,
+        "authenticated_sender": f"{login}@{qualify}",
+        "sender_ident": login,
         "recipients": "",
     }
     variables["__environ__"] = kept_environment(config)

@@ -74,8 +74,11 @@ def list_separator(text: str, default: str = ":") -> tuple[str, str]:
 
     Returns (separator, the rest of the list)."""
     stripped = text.lstrip()
-    if len(stripped) >= 2 and stripped[0] == "<" and _is_separator_char(stripped[1]):
-        return stripped[1], stripped[2:]
+    if stripped[:1] == "<":
+        if len(stripped) == 1:
+            return "\0", ""  # "<" then the end: Exim reads the NUL as separator
+        if _is_separator_char(stripped[1]):
+            return stripped[1], stripped[2:]
     return default, text
 
 

@@ -4,6 +4,8 @@ Used by the ``${address:}``, ``${addresses:}``, ``${domain:}`` and
 ``${local_part:}`` operators.  Values are byte-per-character strings.  The
 main options that change parsing (allow_domain_literals, strip_trailing_dot,
 strip_excess_angle_brackets, allow_utf8_domains) are at Exim's defaults: off.
+(The plain local@domain form accepts a domain literal regardless, as Exim's
+parse_extract_address() reads that domain with msg_id_literals set.)
 """
 
 from __future__ import annotations
@@ -99,11 +101,10 @@ class _Parser:
                 out.append(".")
                 self.i += 1
 
-    def read_domain(self) -> str:
+    def read_domain(self, msg_id_literals: bool = False) -> str:
         self.skip_comment()
         if self.ch() == "[":
-            # Domain literals are off by default (allow_domain_literals).
-            raise AddressError("domain literals not allowed")
+            return self.read_domain_literal(msg_id_literals)
         out: list[str] = []
         while True:
             start = len(out)
@@ -119,6 +120,35 @@ class _Parser:
             out.append(".")
             self.i += 1
             self.skip_comment()
+
+    def read_domain_literal(self, msg_id_literals: bool) -> str:
+        """A bracketed literal.  With *msg_id_literals* (the plain
+        local@domain case) any printable character but ``[ \\ ]`` is taken
+        and allow_domain_literals is not consulted; otherwise only IP
+        address characters are, and the option (off) rejects it."""
+        out = ["["]
+        self.i += 1
+        if self.s[self.i:self.i + 5].lower() in ("ipv6:", "ipv4:"):
+            out.append(self.s[self.i:self.i + 5])
+            self.i += 5
+        while True:
+            c = self.ch()
+            if msg_id_literals:
+                ok = c != "" and ("!" <= c <= "Z" or "^" <= c <= "~")
+            else:
+                ok = c != "" and (c in ".:" or c in "0123456789abcdefABCDEF")
+            if not ok:
+                break
+            out.append(c)
+            self.i += 1
+        if self.ch() != "]":
+            raise AddressError("malformed domain literal")
+        self.i += 1
+        out.append("]")
+        if not msg_id_literals:
+            raise AddressError("domain literals not allowed")
+        self.skip_comment()
+        return "".join(out)
 
     def read_route(self) -> None:
         commas = False
@@ -211,7 +241,7 @@ class _Parser:
         else:
             self.i += 1
             domain = len(address) + 1
-            address = f"{address}@{self.read_domain()}"
+            address = f"{address}@{self.read_domain(True)}"
             end = self.last_comment
         return self._finish(address, domain, start, end)
 

@@ -44,11 +44,11 @@ async def run_command(ctx: ExpansionContext, argv: list[str], timeout: float = R
     """Run *argv*; returns (exit status, output).  A missing program gives
     127, as in Exim."""
     if not argv:
-        raise ExpansionError("empty command in ${run}")
+        return 127, ""  # nothing to run: Exim reports the exec failure code
     if is_tainted(argv[0]):
         raise TaintError(f"Tainted '{argv[0]}' (command for ${{run}} expansion) not permitted")
-    if not os.path.isabs(argv[0]):
-        raise ExpansionError(f'"{argv[0]}" command not absolute in ${{run}} expansion')
+    # Like execv(), a name without a directory is not searched for in PATH.
+    argv = [os.path.abspath(argv[0]), *argv[1:]] if not os.path.isabs(argv[0]) else argv
     if ctx.reactor is None or ctx.threadpool is None:
         return _run_blocking(argv, timeout)
     return await threads.deferToThreadPool(ctx.reactor, ctx.threadpool, _run_blocking, argv, timeout)

@@ -12,7 +12,7 @@ from twisted_mta.expand import operators as ops
 from twisted_mta.expand.errors import ExpansionError, ForcedFailure
 from twisted_mta.expand.nodes import Condition, Evaluation, Seq
 from twisted_mta.expand.regex import compile_regex
-from twisted_mta.expand.variables import variable_getter
+from twisted_mta.expand.variables import unknown_variable_hint, variable_getter
 from twisted_mta.taint import Tainted, is_tainted
 from twisted_mta.values import list_separator, split_list_with
 
@@ -67,7 +67,9 @@ def _parse_def(p: Parser, name: str, negated: bool, pos: int) -> tuple[Condition
     getter = variable_getter(var)
     if getter is None:
         if var:
-            raise ExpansionError(f'unknown variable "{var}" after "def:"')
+            raise ExpansionError(
+                f'unknown variable "{var}" after "def:"' + unknown_variable_hint(var)
+            )
         raise ExpansionError('variable name omitted after "def:"')
     from twisted_mta.expand.nodes import Variable
 
@@ -345,7 +347,9 @@ def _json_elements(text: str, strip: bool) -> list[str]:
         return []
     out = []
     for value in data:
-        if strip and isinstance(value, str):
+        if strip:
+            if not isinstance(value, str):
+                raise ExpansionError("missing '\"' wrapping string result for extract jsons")
             out.append(value.encode("utf-8").decode("latin-1"))
         else:
             out.append(json.dumps(value, separators=(",", ":")))
@@ -358,39 +362,37 @@ _register("forall forany forall_json forany_json forall_jsons forany_jsons", _pa
 # -- acl ----------------------------------------------------------------------------
 
 
-def _braced_subs(most: int, least: int, test: Callable) -> CondParser:
-    """``name{{a}{b}...}``: arguments inside one more pair of braces."""
+def _braced_subs(most: int, least: int, test: Callable, bad: str | None = None) -> CondParser:
+    """``name{{a}{b}...}``: arguments inside one more pair of braces.  *bad*
+    replaces the message for a bracketing error, as Exim does for acl."""
 
     def parse(p: Parser, name: str, negated: bool, pos: int) -> tuple[Condition, int]:
         pos = p.skip_space(pos)
         if p.char(pos) != "{":
             raise _curly_start(name)
-        args, pos = p.read_subs(pos + 1, most, least, False, name)
-        pos = p.skip_space(pos)
-        if p.char(pos) != "}":
-            raise _curly_end(name)
-        return Condition(name, negated, args, test), pos + 1
+        try:
+            args, pos = p.read_subs(pos + 1, most, least, True, name)
+        except ExpansionError as e:
+            if bad is None or e.message.startswith("Too many"):
+                raise
+            raise ExpansionError(bad) from None
+        return Condition(name, negated, args, test), pos
 
     return parse
 
 
 async def _test_acl(ev: Evaluation, c: Condition) -> bool:
-    from twisted_mta.acl import run_acl_for_expansion
+    from twisted_mta.acl import acl_failure, run_acl_for_expansion
 
     values = [await a.run(ev) for a in c.args]
     verdict, message = await run_acl_for_expansion(ev, values[0], values[1:])
-    if message is not None:
+    if verdict in ("accept", "deny"):
         ev.value = message
-    if verdict == "accept":
-        return True
-    if verdict == "deny":
-        return False
-    raise ExpansionError(f'{verdict.upper()} from acl "{values[0]}"')
+        return verdict == "accept"
+    raise acl_failure(verdict, values[0])
 
 
-_register("acl", _braced_subs(10, 1, _test_acl))
-
-
+_register("acl", _braced_subs(10, 1, _test_acl, "too few arguments or bracketing error for acl"))
 _register("saslauthd", _braced_subs(4, 2, _test_not_compiled))
 
 

@@ -315,7 +315,15 @@ async def _run_env(ev: Evaluation, it: Item) -> str:
 
 
 ITEM_PARSERS["listextract"] = _subs_yesno_item(2, 2, _run_listextract)
-ITEM_PARSERS["env"] = _subs_yesno_item(1, 1, _run_env)
+
+
+@item("env")
+def _parse_env(p: Parser, name: str, pos: int) -> tuple[Item, int]:
+    if p.char(p.skip_space(pos)) != "{":
+        raise ExpansionError("")  # Exim reports this with no message
+    args, pos = p.read_subs(pos, 1, 1, False, name)
+    tail, pos = p.parse_yesno(name, pos)
+    return Item(name, args, _run_env, tail), pos
 
 
 # -- map, filter, reduce, sort ---------------------------------------------------
@@ -383,8 +391,21 @@ async def _run_iterate(ev: Evaluation, it: Item) -> str:
             return ev.value or ""
     finally:
         ev.item, ev.value = saved
+    return join_output_list(out, sep)
+
+
+def join_output_list(elements: list[str], sep: str) -> str:
+    """Build an output list as map and filter do: separators inside an
+    element are doubled, and an element after the first that is empty or
+    starts with the separator gets a leading space, so it reads back as one
+    element."""
     doubled = sep + sep
-    return sep.join(x.replace(sep, doubled) for x in out)
+    parts = []
+    for i, element in enumerate(elements):
+        if i and (not element or element[0] == sep):
+            element = " " + element
+        parts.append(element.replace(sep, doubled))
+    return sep.join(parts)
 
 
 async def _iterate_body(ev: Evaluation, it: Item) -> str:
@@ -398,28 +419,24 @@ async def _iterate_body(ev: Evaluation, it: Item) -> str:
 
 @item("sort")
 def _parse_sort(p: Parser, name: str, pos: int) -> tuple[Item, int]:
+    args: list[Seq] = []
+    for what in ("list", "comparator", "extractor"):
+        pos = p.skip_space(pos)
+        if p.char(pos) != "{":
+            raise ExpansionError(f"missing '{{' for {what} arg of sort")
+        seq, pos = p.parse_braced(pos)
+        args.append(seq)
     pos = p.skip_space(pos)
-    if p.char(pos) != "{":
-        raise ExpansionError("missing '{' for list arg of sort")
-    list_seq, pos = p.parse_seq(pos + 1, True)
-    pos = p.skip_space(pos + 1)
-    if p.char(pos) != "{":
-        raise ExpansionError("missing '{' for comparator arg of sort")
-    cmp_seq, pos = p.parse_seq(pos + 1, True)
-    pos = p.skip_space(pos + 1)
-    if p.char(pos) != "{":
-        raise ExpansionError("missing '{' for extractor arg of sort")
-    extractor, pos = p.parse_seq(pos + 1, True)
-    pos = p.skip_space(pos + 1)
     if p.char(pos) != "}":
         raise ExpansionError('missing } at end of "sort"')
-    return Item(name, [list_seq, cmp_seq], _run_sort, extra=extractor), pos + 1
+    return Item(name, args[:2], _run_sort, extra=args[2]), pos + 1
 
 
+# Exim sorts with the ordering comparisons only: equality cannot order.
 _SORT_COMPARATORS = {
-    "<", "<=", "=", "==", ">", ">=", "eq", "eqi", "lt", "lti", "le", "lei", "gt", "gti",
-    "ge", "gei",
+    "<", "<=", ">", ">=", "lt", "lti", "le", "lei", "gt", "gti", "ge", "gei",
 }
+_UNORDERED = {"=", "==", "eq", "eqi"}
 
 
 async def _run_sort(ev: Evaluation, it: Item) -> str:
@@ -427,6 +444,8 @@ async def _run_sort(ev: Evaluation, it: Item) -> str:
 
     list_text = await it.args[0].run(ev)
     comparator = (await it.args[1].run(ev)).strip()
+    if comparator in _UNORDERED:
+        raise ExpansionError("comparator not handled for sort")
     if comparator not in _SORT_COMPARATORS:
         raise ExpansionError("")
     sep, rest = list_separator(list_text)
@@ -435,16 +454,24 @@ async def _run_sort(ev: Evaluation, it: Item) -> str:
     try:
         for element in split_list_with(rest, sep):
             ev.item = element
-            keyed.append((await it.extra.run(ev), element))
+            key = await it.extra.run(ev)
+            if not key:
+                raise ExpansionError(f'field-extract in sort: "{it.extra.source}"')
+            keyed.append((key, element))
     finally:
         ev.item = saved
-    # Insertion sort, as Exim does: an element goes before the first one
-    # it compares "true" against, which keeps equal keys in input order.
+    # Insertion sort, as Exim does: an element goes before the first one it
+    # compares "true" against, which keeps equal keys in input order.  A key
+    # that is not a number makes a numeric comparison false.
     ordered: list[tuple[str, str]] = []
     for key, element in keyed:
         index = len(ordered)
         for i, (other_key, _) in enumerate(ordered):
-            if compare(comparator, key, other_key):
+            try:
+                before = compare(comparator, key, other_key)
+            except ExpansionError:
+                before = False
+            if before:
                 index = i
                 break
         ordered.insert(index, (key, element))
@@ -463,6 +490,8 @@ async def _run_readfile(ev: Evaluation, it: Item) -> str:
     try:
         with open(path, "rb") as f:
             data = f.read().decode("latin-1")
+    except IsADirectoryError:
+        data = ""  # fopen() succeeds on a directory and reading gives nothing
     except OSError as e:
         raise ExpansionError(f"failed to open {path}: {e.strerror}") from None
     if len(values) > 1:
@@ -514,7 +543,15 @@ def _parse_run(p: Parser, name: str, pos: int) -> tuple[Item, int]:
     if p.char(pos) != "{":
         raise ExpansionError("missing '{' for command arg of run")
     start = pos + 1
-    command, pos = p.parse_seq(start, True)
+    try:
+        command, pos = p.parse_seq(start, True)
+    except ExpansionError:
+        if preexpand or p.fail_pos is None:
+            raise
+        # Without preexpand Exim only scans for the end of the command and
+        # expands each argument later, so a scanning error just marks where
+        # the command stops.
+        command, pos = Seq([]), p.fail_pos
     raw = p.s[start:pos]
     if p.char(pos) != "}":
         raise ExpansionError("missing '}' closing command arg of run")
@@ -595,19 +632,14 @@ def split_command(command: str) -> list[str]:
 
 
 async def _run_acl(ev: Evaluation, it: Item) -> str:
-    from twisted_mta.acl import run_acl_for_expansion
+    from twisted_mta.acl import acl_failure, run_acl_for_expansion
 
     values = await it.arg_values(ev)
     verdict, message = await run_acl_for_expansion(ev, values[0], values[1:])
     if verdict in ("accept", "deny"):
         return message or ""
-    text = f'{_ACL_RC_NAMES.get(verdict, verdict.upper())} from acl "{values[0]}"'
-    if verdict == "defer":
-        raise ForcedFailure(text)
-    raise ExpansionError(text)
+    raise acl_failure(verdict, values[0])
 
-
-_ACL_RC_NAMES = {"defer": "DEFER", "drop": "FAIL_DROP", "discard": "DISCARD", "error": "ERROR"}
 
 ITEM_PARSERS["acl"] = _subs_item(10, 1, _run_acl)
 
@@ -646,15 +678,22 @@ def _parse_certextract(p: Parser, name: str, pos: int) -> tuple[Item, int]:
     return Item(name, args, _run_certextract, tail, certvar), pos
 
 
+_CERT_VARIABLES = frozenset(
+    ("tls_in_peercert", "tls_in_ourcert", "tls_out_peercert", "tls_out_ourcert")
+)
+
+
 async def _run_certextract(ev: Evaluation, it: Item) -> str:
     var = it.extra.lstrip("$").strip("{}")
-    cert = ev.ctx.variables.get("__certs__", {}).get(var)
-    if cert is None:
+    if var not in _CERT_VARIABLES:
         raise ExpansionError('second argument of "certextract" must be a certificate variable')
-    field = await it.args[0].run(ev)
-    from twisted_mta.expand.certs import cert_field
+    cert = ev.ctx.variables.get("__certs__", {}).get(var)
+    value = None
+    if cert is not None:
+        from twisted_mta.expand.certs import cert_field
 
-    return await _with_value(ev, it.tail, cert_field(cert, field))
+        value = cert_field(cert, await it.args[0].run(ev))
+    return await _with_value(ev, it.tail, value)
 
 
 async def _run_imapfolder(ev: Evaluation, it: Item) -> str:
@@ -671,7 +710,24 @@ async def _run_prvs(ev: Evaluation, it: Item) -> str:
     from twisted_mta.expand.prvs import prvs_encode
 
     values = await it.arg_values(ev)
-    return prvs_encode(values[0], values[1], values[2] if len(values) > 2 else "0", _now(ev))
+    address = values[0]
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise ExpansionError("prvs first argument must be a qualified email address")
+    keynum = values[2] if len(values) > 2 else "0"
+    if len(keynum) != 1 or not keynum.isdigit():
+        raise ExpansionError("prvs third argument must be a single digit")
+    return prvs_encode(address, values[1], keynum, _now(ev))
+
+
+@item("prvscheck")
+def _parse_prvscheck(p: Parser, name: str, pos: int) -> tuple[Item, int]:
+    # Exim reads the address, then the secret, then an optional result, each
+    # on its own: a missing secret reports "(min is 1)".
+    args, pos = p.read_subs(pos, 1, 1, False, name)
+    secret, pos = p.read_subs(pos, 1, 1, False, name)
+    result, pos = p.read_subs(pos, 1, 0, True, name)
+    return Item(name, args + secret + result, _run_prvscheck), pos
 
 
 async def _run_prvscheck(ev: Evaluation, it: Item) -> str:
@@ -740,4 +796,3 @@ ITEM_PARSERS["substr"] = _subs_item(3, 2, _run_substr_item)
 ITEM_PARSERS["prvs"] = _subs_item(3, 2, _run_prvs)
 
 
-ITEM_PARSERS["prvscheck"] = _subs_item(3, 2, _run_prvscheck)

@@ -53,19 +53,24 @@ class Text(Node):
 
 
 class Seq(Node):
-    """Concatenation of parts; the result is tainted if any part is."""
+    """Concatenation of parts; the result is tainted if any part is.
 
-    __slots__ = ("parts", "source")
+    Exim handles strings as C strings: a NUL written with an escape ends
+    the value wherever it is used.  ``cut_at_nul`` marks the sequences
+    that contain one."""
+
+    __slots__ = ("parts", "source", "cut_at_nul")
 
     def __init__(self, parts: list[Node], source: str = "") -> None:
         self.parts = parts
         self.source = source
+        self.cut_at_nul = any(type(p) is Text and "\0" in p.text for p in parts)
 
     @property
     def constant(self) -> str | None:
         if not self.parts:
             return ""
-        if len(self.parts) == 1 and type(self.parts[0]) is Text:
+        if len(self.parts) == 1 and type(self.parts[0]) is Text and not self.cut_at_nul:
             return self.parts[0].text  # type: ignore[attr-defined]
         return None
 
@@ -74,12 +79,16 @@ class Seq(Node):
         if not parts:
             return ""
         if len(parts) == 1:
-            return await parts[0].run(ev)
-        pieces = [await p.run(ev) for p in parts]
-        result = "".join(pieces)
-        for piece in pieces:
-            if type(piece) is Tainted:
-                return Tainted(result)
+            result = await parts[0].run(ev)
+        else:
+            pieces = [await p.run(ev) for p in parts]
+            result = "".join(pieces)
+            for piece in pieces:
+                if type(piece) is Tainted:
+                    result = Tainted(result)
+                    break
+        if self.cut_at_nul and "\0" in result:
+            result = type(result)(result[: result.index("\0")])
         return result
 
 

@@ -12,6 +12,8 @@ IDNA 2008).
 from __future__ import annotations
 
 import base64
+import ctypes
+import errno
 import hashlib
 import hmac
 import os
@@ -31,7 +33,7 @@ from twisted_mta.expand.addresses import (
 )
 from twisted_mta.expand.arith import eval_expression
 from twisted_mta.expand.errors import ExpansionError
-from twisted_mta.values import interpret_escape, parse_time, split_list
+from twisted_mta.values import interpret_escape, split_list
 
 with warnings.catch_warnings():
     # crypt is deprecated (removed in 3.13) but is the only stdlib crypt(3).
@@ -153,15 +155,15 @@ def _hash(subject: str, value1: int, value2: int) -> str:
         value2 = 26
     elif value2 > len(_HASHCODES):
         raise ExpansionError(f'hash count "{value2}" too big')
-    if value2 == 0:
-        # Exim 4.96 dies with SIGFPE here.
-        raise ExpansionError("hash count must not be zero")
     if value1 < 0:
         # Exim reads outside the string here (undefined behaviour).
         raise ExpansionError(f'hash length "{value1}" must not be negative')
     sublen = len(subject)
     if value1 >= sublen:
-        return subject
+        return subject  # no hashing, so a zero count does no harm
+    if value2 == 0:
+        # Exim 4.96 dies with SIGFPE here.
+        raise ExpansionError("hash count must not be zero")
     if value1 == 0:
         return ""
     work = [ord(c) for c in subject[:value1]]
@@ -380,6 +382,12 @@ def extract_keyed(key: str, s: str) -> str | None:
     return None
 
 
+def _dewrap_missing(s: str, wrap: str) -> str:
+    """The character dewrap() reports missing: the opener if the text does
+    not start with it, else the closer."""
+    return wrap[1] if s.lstrip(_SPACE).startswith(wrap[0]) else wrap[0]
+
+
 def _dewrap(s: str, wrap: str) -> str | None:
     """dewrap(): the text inside the *wrap* pair after leading blanks; a
     backslash protects the next character (and stays)."""
@@ -441,7 +449,7 @@ def extract_json(key: str, s: str, strip_quotes: bool) -> str | None:
     body = _dewrap(s, wrap)
     if body is None:
         kind = "array" if field is not None else "object"
-        raise ExpansionError(f"missing '{wrap[1]}' wrapping {kind} for extract json")
+        raise ExpansionError(f"missing '{_dewrap_missing(s, wrap)}' wrapping {kind} for extract json")
     value: str | None = None
     if field is not None:
         if field <= 0:
@@ -568,10 +576,13 @@ def parse_bool(s: str, lax: bool) -> bool:
     raise ExpansionError(f'unrecognised boolean value "{t}"')
 
 
-def condition_integer(s: str, non_negative: bool = False) -> int:
+def condition_integer(s: str, non_negative: bool = False, empty_is_zero: bool = True) -> int:
     """An operand of a numeric condition (``<`` ``=`` ...) or ``randint``:
     decimal with an optional K/M/G suffix; blank means 0
-    (expanded_string_integer())."""
+    (expanded_string_integer()).  The numeric conditions also cast an empty
+    operand to 0 before calling it; ``randint`` does not."""
+    if not s and empty_is_zero:
+        return 0
     t = s.lstrip(_SPACE)
     if not t and s:
         return 0  # all blanks: Exim keeps the pre-4.64 behaviour
@@ -730,11 +741,25 @@ def _op_reverse_ip(s: str) -> str:
 # ---------------------------------------------------------------------------
 # Encodings
 
+def _strtoul(s: str) -> tuple[int, str]:
+    """C strtoul(s, &end, 10) on a 64-bit system: a magnitude beyond 2**64-1
+    saturates to ULONG_MAX, then a leading minus negates modulo 2**64."""
+    m = _STRTOL.match(s)
+    assert m is not None
+    if not m.group(2):
+        return 0, s
+    value = int(m.group(2))
+    if value > (1 << 64) - 1:
+        value = (1 << 64) - 1
+    elif m.group(1) == "-":
+        value = -value & ((1 << 64) - 1)
+    return value, s[m.end():]
+
+
 def _op_base32(s: str) -> str:
-    value, rest = _strtol(s)
-    if rest or s[:1] in _SPACE and s:
+    value, rest = _strtoul(s)
+    if rest:
         raise ExpansionError(f'argument for base32 operator is "{s}", which is not a decimal number')
-    value &= (1 << 64) - 1  # strtoul wraps a negative number
     out = []
     while value:
         out.append(_BASE32[value & 31])
@@ -742,21 +767,29 @@ def _op_base32(s: str) -> str:
     return "".join(reversed(out))
 
 
-def _op_base32d(s: str) -> str:
+def _decode_number(s: str, alphabet: str, base_name: str) -> str:
+    """A number written in *alphabet*, wrapped to a signed 64-bit value as
+    Exim's C code does."""
     value = 0
     for c in s:
-        i = _BASE32.find(c)
+        i = alphabet.find(c)
         if i < 0:
-            raise ExpansionError(f'argument for base32d operator is "{s}", which is not a base 32 number')
-        value = (value * 32 + i) & ((1 << 64) - 1)
+            raise ExpansionError(
+                f'argument for {base_name}d operator is "{s}", which is not a base '
+                f"{len(alphabet)} number"
+            )
+        value = (value * len(alphabet) + i) & ((1 << 64) - 1)
     return str(value - (1 << 64) if value >= (1 << 63) else value)
 
 
+def _op_base32d(s: str) -> str:
+    return _decode_number(s, _BASE32, "base32")
+
+
 def _op_base62(s: str) -> str:
-    value, rest = _strtol(s)
+    value, rest = _strtoul(s)
     if rest:
         raise ExpansionError(f'argument for base62 operator is "{s}", which is not a decimal number')
-    value &= (1 << 64) - 1
     out = []
     for _ in range(6):
         out.append(_BASE62[value % 62])
@@ -765,13 +798,7 @@ def _op_base62(s: str) -> str:
 
 
 def _op_base62d(s: str) -> str:
-    value = 0
-    for c in s:
-        i = _BASE62.find(c)
-        if i < 0:
-            raise ExpansionError(f'argument for base62d operator is "{s}", which is not a base 62 number')
-        value = (value * 62 + i) & ((1 << 64) - 1)
-    return str(value - (1 << 64) if value >= (1 << 63) else value)
+    return _decode_number(s, _BASE62, "base62")
 
 
 def _b64decode(s: str) -> str | None:
@@ -841,8 +868,9 @@ def _rfc2047_encode(s: str, charset: str = "UTF-8") -> str:
     longer than 67 characters (but not inside a two-byte pair)."""
     header = f"=?{charset}?Q?"
     out: list[str] = [header]
-    line_start = 0
-    length = len(header)
+    # Exim measures from the end of the first header but from the start of
+    # later ones, so the first word holds 10 more characters.
+    length = line_start = len(header)
     coded = False
     first_byte = False
     for ch in s:
@@ -917,18 +945,61 @@ def _next_mime_word(s: str, pos: int) -> tuple[int, int, str, str] | None:
             return start, end + 2, s[start + 2:q1], decoded
 
 
-def _convert_charset(data: str, charset: str) -> str:
-    """iconv from *charset* to UTF-8; undecodable input is kept verbatim."""
-    raw = _bytes(data)
+def _load_iconv():
+    """glibc's iconv_open()/iconv()/iconv_close() through ctypes, or None."""
     try:
-        text = raw.decode(charset)
-    except LookupError:
-        raise ExpansionError(
-            f'iconv_open("UTF-8", "{charset}") failed: Invalid argument (maybe unsupported conversion)'
-        ) from None
-    except UnicodeDecodeError as e:
-        return _text(raw[:e.start].decode(charset).encode("utf-8")) + _text(raw[e.start:])
-    return _text(text.encode("utf-8"))
+        libc = ctypes.CDLL(None, use_errno=True)
+        funcs = (libc.iconv_open, libc.iconv, libc.iconv_close)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return None
+    funcs[0].restype = ctypes.c_void_p
+    funcs[0].argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    funcs[1].restype = ctypes.c_size_t
+    funcs[1].argtypes = [ctypes.c_void_p] + [ctypes.c_void_p] * 4
+    funcs[2].argtypes = [ctypes.c_void_p]
+    return funcs
+
+
+_ICONV = _load_iconv()
+_ICONV_FAILED = ctypes.c_void_p(-1).value
+
+
+def _iconv_convert(raw: bytes, charset: str) -> bytes | int:
+    """rfc2047_decode()'s translation of one word to UTF-8: converted output
+    until iconv() stalls, then the rest verbatim.  An ``int`` result is the
+    errno of a failed iconv_open()."""
+    name = _bytes(charset).split(b"\0", 1)[0]
+    if _ICONV is None:  # pragma: no cover - fall back to Python's codecs
+        try:
+            text = raw.decode(name.decode("latin-1"))
+        except LookupError:
+            return errno.EINVAL
+        except UnicodeDecodeError as e:
+            return raw[:e.start].decode(name.decode("latin-1")).encode("utf-8") + raw[e.start:]
+        return text.encode("utf-8")
+    iconv_open, iconv, iconv_close = _ICONV
+    cd = iconv_open(b"UTF-8", name)
+    if cd is None or cd == _ICONV_FAILED:
+        return ctypes.get_errno()
+    try:
+        inbuf = ctypes.create_string_buffer(raw, len(raw))
+        inptr = ctypes.c_void_p(ctypes.addressof(inbuf))
+        inleft = ctypes.c_size_t(len(raw))
+        outbuf = ctypes.create_string_buffer(256)
+        out = bytearray()
+        while inleft.value > 0:
+            outptr = ctypes.c_void_p(ctypes.addressof(outbuf))
+            outleft = ctypes.c_size_t(256)
+            iconv(cd, ctypes.byref(inptr), ctypes.byref(inleft), ctypes.byref(outptr),
+                  ctypes.byref(outleft))
+            if outleft.value == 256:  # no output: copy the rest untranslated
+                done = len(raw) - inleft.value
+                out += raw[done:]
+                break
+            out += outbuf.raw[:256 - outleft.value]
+        return bytes(out)
+    finally:
+        iconv_close(cd)
 
 
 def _op_rfc2047d(s: str) -> str:
@@ -936,17 +1007,26 @@ def _op_rfc2047d(s: str) -> str:
     if word is None:
         return s
     out: list[str] = []
+    error = None
     pos = 0
     while word is not None:
         start, end, charset, decoded = word
         out.append(s[pos:start])
-        if _lc(charset) not in ("utf-8", "utf8"):
-            decoded = _convert_charset(decoded, charset)
+        if _lc(charset) != "utf-8":  # headers_charset
+            converted = _iconv_convert(_bytes(decoded), charset)
+            if isinstance(converted, int):
+                # Exim carries on untranslated; the last such error wins.
+                error = (f'iconv_open("UTF-8", "{charset}") failed: {os.strerror(converted)}'
+                         + (" (maybe unsupported conversion)" if converted == errno.EINVAL else ""))
+            else:
+                decoded = _text(converted)
         out.append(decoded.replace("\0", "?"))
         pos = end
         word = _next_mime_word(s, pos)
         if word is not None and not s[pos:word[0]].strip(_SPACE):
             pos = word[0]  # blanks between encoded words vanish
+    if error is not None:
+        raise ExpansionError(error)
     out.append(s[pos:])
     return "".join(out)
 
@@ -991,8 +1071,8 @@ def _op_utf8clean(s: str) -> str:
                 seq.append(ch)
                 bytes_left -= 1
                 if bytes_left == 0:
-                    if codepoint > 0x10FFFF:
-                        bad = -1
+                    if codepoint > 0x10FFFF or codepoint & 0x1FF800 == 0xD800:
+                        bad = -1  # beyond RFC 3629, or a UTF-16 surrogate
                     else:
                         out.extend(seq)
                         seq = []
@@ -1077,11 +1157,28 @@ def _op_eval(decimal: bool) -> Operator:
     return lambda s: str(eval_expression(s, decimal))
 
 
+_TIME_COMPONENT = re.compile(r"([0-9]+)([wdhms])")
+_TIME_UNIT = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
 def _op_time_eval(s: str) -> str:
-    seconds = parse_time(s)
-    if seconds is None:
+    """readconf_readtime(): each number is read by sscanf("%d") (a long,
+    saturated, then cut to an int), the sum wraps as a C int, and a negative
+    total is an error."""
+    total = 0
+    pos = 0
+    while True:
+        m = _TIME_COMPONENT.match(s, pos)
+        if m is None:
+            total = -1
+            break
+        total = _c_int(total + _c_int(min(int(m.group(1)), _INT64_MAX)) * _TIME_UNIT[m.group(2)])
+        pos = m.end()
+        if pos == len(s):
+            break
+    if total < 0:
         raise ExpansionError(f'string "{s}" is not an Exim time interval in "time_eval" operator')
-    return str(_c_int(seconds))
+    return str(total)
 
 
 def _op_time_interval(s: str) -> str:
@@ -1090,6 +1187,10 @@ def _op_time_interval(s: str) -> str:
     if m.end() != len(s):
         raise ExpansionError(f'string "{s}" is not a positive number in "time_interval" operator')
     t = _c_int(int(s)) if s else 0
+    if t == -(1 << 31):
+        # readconf_printtime() negates INT_MIN, which overflows; the build
+        # of Exim 4.96 being matched then prints this.
+        return "-5d3h14m8s"
     sign = ""
     if t < 0:
         sign, t = "-", -t
@@ -1104,7 +1205,7 @@ def _op_time_interval(s: str) -> str:
 
 
 def _op_randint(s: str) -> str:
-    limit = condition_integer(s, non_negative=True)
+    limit = condition_integer(s, non_negative=True, empty_is_zero=False)
     return str(random.randrange(limit) if limit > 0 else 0)
 
 

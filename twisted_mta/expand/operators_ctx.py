@@ -9,8 +9,9 @@ from twisted_mta.expand.errors import ExpansionError, TaintError
 from twisted_mta.expand.nodes import ContextOperator, Evaluation, Node, Operator, Seq
 from twisted_mta.taint import is_tainted
 
-_LIST_KINDS = {"": None, "d": "domain", "h": "host", "a": "address", "l": "localpart"}
-_LIST_ORDER = ("domain", "host", "address", "localpart")
+_LIST_KINDS = {"d": "domain", "h": "host", "a": "address", "l": "localpart"}
+# Without a suffix Exim looks for the name among these kinds, in this order.
+_LIST_ORDER = ("address", "domain", "host", "localpart")
 
 
 def make_operator(name: str, arg: Seq) -> Node:
@@ -18,10 +19,7 @@ def make_operator(name: str, arg: Seq) -> Node:
     if name == "expand":
         return ContextOperator(name, arg, _expand)
     if name == "listnamed" or name.startswith("listnamed_"):
-        suffix = name[10:]
-        if suffix not in _LIST_KINDS:
-            raise ExpansionError(f'unknown expansion operator "{name}"')
-        return ContextOperator(name, arg, _listnamed(_LIST_KINDS[suffix]))
+        return ContextOperator(name, arg, _listnamed(name[10:] if len(name) > 9 else None))
     if name.startswith("quote_") and name != "quote_local_part":
         return _quote_operator(name, arg)
     return Operator(name, arg, ops.get_operator(name))
@@ -38,34 +36,43 @@ async def _expand(ev: Evaluation, text: str) -> str:
         raise type(e)(f'internal expansion of "{text}" failed: {e.message}') from None
 
 
-def _listnamed(kind: str | None):
+def _listnamed(suffix: str | None):
     async def run(ev: Evaluation, list_name: str) -> str:
-        kinds = (kind,) if kind else _LIST_ORDER
-        for candidate in kinds:
-            text = ev.ctx.named_list(candidate, list_name)
-            if text is not None:
-                return await _inline_named(ev, text, candidate, set())
-        raise ExpansionError(f'"{list_name}" is not a named list')
+        return named_list_text(ev, list_name.removeprefix("+"), suffix)
 
     return run
 
 
-async def _inline_named(ev: Evaluation, text: str, kind: str, seen: set[str]) -> str:
-    """A named list's expanded text with nested ``+name`` items inlined."""
+def named_list_text(ev: Evaluation, name: str, suffix: str | None) -> str:
+    """``${listnamed}``: the named list's items, unexpanded, joined with
+    `` : `` and nested ``+name`` lists inlined, as Exim prints them."""
     from twisted_mta.values import list_separator, split_list_with
 
-    expanded = await ev.ctx.expand(text)
-    sep, rest = list_separator(expanded)
-    items = split_list_with(rest, sep)
+    if suffix is None:
+        kinds = _LIST_ORDER
+    elif suffix[:1] in _LIST_KINDS:
+        kinds = (_LIST_KINDS[suffix[0]],)
+    else:
+        raise ExpansionError('bad suffix on "list" operator')
+    text = None
+    for kind in kinds:
+        text = ev.ctx.named_list(kind, name)
+        if text is not None:
+            break
+    if text is None:
+        label = "" if suffix is None else f"{_LIST_KINDS[suffix[0]]} "
+        raise ExpansionError(f'"{name}" is not a {label}named list')
+    sep, rest = list_separator(text)
     out: list[str] = []
-    for element in items:
-        if element.startswith("+") and element[1:] not in seen:
-            nested = ev.ctx.named_list(kind, element[1:])
-            if nested is not None:
-                out.append(await _inline_named(ev, nested, kind, seen | {element[1:]}))
-                continue
-        out.append(element.replace(sep, sep + sep))
-    return f" {sep} ".join(out)
+    for element in split_list_with(rest, sep):
+        if element.startswith("+"):
+            out.append(named_list_text(ev, element[1:], suffix))
+        elif sep != ":":
+            # Re-quote for a colon-separated result: colons double.
+            out.append(element.replace(":", "::"))
+        else:
+            out.append(element)
+    return " : ".join(out)
 
 
 def _quote_operator(name: str, arg: Seq) -> Node:

@@ -25,7 +25,7 @@ from twisted_mta.expand.nodes import (
     Variable,
     YesNo,
 )
-from twisted_mta.expand.variables import variable_getter
+from twisted_mta.expand.variables import unknown_variable_hint, variable_getter
 from twisted_mta.values import interpret_escape
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
@@ -64,6 +64,11 @@ class Parser:
     def __init__(self, text: str) -> None:
         self.s = text
         self.n = len(text)
+        # A header name that swallowed a "}" (its colon was forgotten) changes
+        # Exim's bracketing messages into a hint about the colon.
+        self.malformed_header = False
+        # Where an unknown variable name ended, for ${run}'s scan.
+        self.fail_pos: int | None = None
 
     # -- lexical helpers ---------------------------------------------------
 
@@ -139,6 +144,10 @@ class Parser:
                 flush()
                 parts.append(node)
         if ket_ends and pos >= n:
+            if self.malformed_header:
+                raise ExpansionError(
+                    "missing } at end of string - could be header name not terminated by colon"
+                )
             raise ExpansionError("missing } at end of string")
         flush()
         return Seq(parts, s[start:pos]), pos
@@ -153,7 +162,10 @@ class Parser:
                 return self.parse_header(name, prefix, pos)
             getter = variable_getter(name)
             if getter is None:
-                raise ExpansionError(f'unknown variable name "{name}"')
+                self.fail_pos = pos
+                raise ExpansionError(
+                    f'unknown variable name "{name}"' + unknown_variable_hint(name)
+                )
             return Variable(name, getter), pos
         if _is_digit(c):
             number, pos = self.read_number(pos)
@@ -178,7 +190,9 @@ class Parser:
         if self.char(pos) == "}":
             getter = variable_getter(name)
             if getter is None:
-                raise ExpansionError(f'unknown variable in "${{{name}}}"')
+                raise ExpansionError(
+                    f'unknown variable in "${{{name}}}"' + unknown_variable_hint(name)
+                )
             return Variable(name, getter), pos + 1
         raise ExpansionError(
             f'"${{{name}" is not a known operator (or a }} is missing in a variable reference)'
@@ -192,6 +206,8 @@ class Parser:
             pos += 1
         if pos < n and s[pos] == ":":
             pos += 1
+        if "}" in header:
+            self.malformed_header = True
         return Header(prefix, header), pos
 
     def parse_operator(self, name: str, pos: int) -> tuple[object, int]:
@@ -234,6 +250,8 @@ class Parser:
         return args, pos
 
     def curly_problem(self, where: str, pos: int) -> ExpansionError:
+        if self.malformed_header:
+            return ExpansionError(_MALFORMED_HEADER)
         return ExpansionError(
             "curly-bracket problem in conditional yes/no parsing: "
             f"{where}\n remaining string is '{self.remaining(pos)}'"
@@ -293,6 +311,11 @@ class Parser:
             raise ExpansionError(f'unknown condition "{name}"')
         return cond_parser(self, name, negated, pos)
 
+
+
+_MALFORMED_HEADER = (
+    "missing or misplaced { or } - could be header name not terminated by colon"
+)
 
 
 def _header_prefix(name: str) -> str | None:

@@ -61,7 +61,7 @@ sender_host_authenticated sender_host_dnssec sender_host_name sender_host_port
 sender_ident sender_rate sender_rate_limit sender_rate_period sender_rcvhost
 sender_verify_failure sending_ip_address sending_port smtp_active_hostname smtp_command
 smtp_command_argument smtp_command_history smtp_count_at_connection_start
-smtp_notquit_reason sn0 sn1 sn2 sn3 sn4 sn5 sn6 sn7 sn8 sn9 spam_action spam_bar
+smtp_notquit_reason spam_action spam_bar
 spam_report spam_score spam_score_int spf_guess spf_header_comment spf_received
 spf_result spf_result_guessed spf_smtp_comment spool_directory spool_inodes spool_space
 srs_recipient thisaddress tls_bits tls_certificate_verified tls_cipher tls_in_bits
@@ -116,6 +116,17 @@ def _version(ev: Evaluation, name: str) -> str:
     return EXIM_COMPAT_VERSION
 
 
+def _exim_path() -> str:
+    """This program's own command, which configurations use to call it back."""
+    import shutil
+    import sys
+
+    beside = os.path.join(os.path.dirname(sys.executable), "exim-py")
+    if os.path.exists(beside):
+        return beside
+    return shutil.which("exim-py") or "exim-py"
+
+
 def _constant(value: str) -> Getter:
     return lambda ev, name: value
 
@@ -163,8 +174,7 @@ def _zone(tm: time.struct_time) -> str:
 
 
 def _tod_bsdinbox(ev: Evaluation, name: str) -> str:
-    tm = time.localtime(_now(ev))
-    return time.strftime("%a %b ", tm) + f"{tm.tm_mday:2d}" + time.strftime(" %H:%M:%S %Y", tm)
+    return time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(_now(ev)))
 
 
 def _uid(ev: Evaluation, name: str) -> str:
@@ -226,7 +236,7 @@ _SPECIAL: dict[str, Getter] = {
     "exim_version": _version,
     "compile_number": _constant("1"),
     "compile_date": _constant("01-Dec-2026 00:00:00"),
-    "exim_path": _constant("/usr/bin/exim-py"),
+    "exim_path": lambda ev, name: _exim_path(),
     "tod_log": _tod_log,
     "tod_logfile": _tod("%Y%m%d"),
     "tod_full": _tod_full,
@@ -250,7 +260,17 @@ _SPECIAL: dict[str, Getter] = {
     "config_dir": _config_dir,
     "spool_directory": _spool_directory,
     "smtp_active_hostname": _smtp_active_hostname,
-    "message_size": _constant("-1"),
+    "message_size": _constant("0"),
+    "local_user_uid": _constant("4294967295"),
+    "local_user_gid": _constant("4294967295"),
+    "max_received_linelength": _constant("0"),
+    "received_port": _constant("-1"),
+    "interface_port": _constant("-1"),
+    "mime_part_count": _constant("-1"),
+    "received_time": _constant("0"),
+    "sender_host_port": _constant("0"),
+    "bounce_return_size_limit": _option("bounce_return_size_limit", "102400"),
+    "return_size_limit": _option("bounce_return_size_limit", "102400"),
     "bmi_deliver": _constant("1"),
     "recipients_count": _constant("0"),
     "rcpt_count": _constant("0"),
@@ -274,7 +294,7 @@ def variable_getter(name: str) -> Getter | None:
     getter = _TABLE.get(name)
     if getter is not None:
         return getter
-    if name.startswith(("acl_c", "acl_m")) and len(name) > 5 and not name[5].isalpha():
+    if name.startswith(("acl_c", "acl_m")) and (len(name) == 5 or not name[5].isalpha()):
         return _empty
     if name.startswith("r_"):
         return _empty
@@ -283,3 +303,13 @@ def variable_getter(name: str) -> Getter | None:
     if name.startswith("regex") and name[5:].isdigit() and 1 <= int(name[5:]) <= 9:
         return _empty
     return None
+
+
+def unknown_variable_hint(name: str) -> str:
+    """The explanation Exim appends when an unknown name looks like an
+    attempt at an ACL variable."""
+    if not name.startswith("acl_"):
+        return ""
+    if name.startswith(("acl_c", "acl_m")):
+        return " (6th character of a user-defined ACL variable must be a digit or underscore)"
+    return " (user-defined ACL variables must start acl_c or acl_m)"
