@@ -310,6 +310,104 @@ class MiscOperatorTests(unittest.TestCase):
         self.assertEqual(ops.condition_integer("-2k "), -2048)
 
 
+class FidelityRegressionTests(unittest.TestCase):
+    """Differences from exim4 -be found and fixed; expectations from Exim
+    4.96 (Debian 12)."""
+
+    def test_empty_numeric_operand_is_zero(self) -> None:
+        self.assertEqual(ops.condition_integer(""), 0)
+        self.assertEqual(_run("randint", ""), 'FAIL:integer expected but "" found')
+
+    def test_base32_base62_read_unsigned(self) -> None:
+        cases = [
+            ("base32", "18446744073709551615", "p777777777777"),
+            ("base32", "9223372036854775808", "iaaaaaaaaaaaa"),
+            ("base32", "99999999999999999999999", "p777777777777"),
+            ("base32", "-18446744073709551615", "b"),
+            ("base32", "-18446744073709551616", "p777777777777"),
+            ("base32", " 5", "f"),
+            ("base62", "18446744073709551615", "16AHYF"),
+        ]
+        for name, arg, want in cases:
+            self.assertEqual(_run(name, arg), want, arg)
+
+    def test_domain_literal_in_plain_address(self) -> None:
+        cases = [
+            ("address", "joe@[192.168.1.1]", "joe@[192.168.1.1]"),
+            ("address", "joe@[IPv6:2001:db8::1]", "joe@[IPv6:2001:db8::1]"),
+            ("domain", "joe@[1.2.3.4]", "[1.2.3.4]"),
+            ("local_part", "joe@[1.2.3.4]", "joe"),
+            ("addresses", "joe@[1.2.3.4], b@c", "joe@[1.2.3.4]:b@c"),
+            ("address", "joe@[abc]", "joe@[abc]"),
+            ("address", "joe@[1.2.3.4", ""),
+            ("address", "<joe@[1.2.3.4]>", ""),  # allow_domain_literals is off
+        ]
+        for name, arg, want in cases:
+            self.assertEqual(_run(name, arg), want, arg)
+
+    def test_rfc2047_word_split(self) -> None:
+        self.assertEqual(_run("rfc2047", "a" * 85 + "\xc3\xa9"),
+                         "=?UTF-8?Q?" + "a" * 68 + "?= =?UTF-8?Q?" + "a" * 17 + "=C3=A9?=")
+        self.assertEqual(_run("rfc2047", "a" * 81 + "=b"),
+                         "=?UTF-8?Q?" + "a" * 68 + "?= =?UTF-8?Q?" + "a" * 13 + "=3Db?=")
+        self.assertEqual(_run("rfc2047", "\xc3\xa9" * 24),
+                         "=?UTF-8?Q?" + "=C3=A9" * 12 + "?= =?UTF-8?Q?" + "=C3=A9" * 10
+                         + "?= =?UTF-8?Q?" + "=C3=A9" * 2 + "?=")
+
+    def test_utf8clean_surrogates(self) -> None:
+        self.assertEqual(_run("utf8clean", "\xed\xa0\x80"), "?")
+        self.assertEqual(_run("utf8clean", "a\xed\xbf\xbfz"), "a?z")
+        self.assertEqual(_run("utf8clean", "\xed\x9f\xbf"), "\xed\x9f\xbf")
+
+    def test_rfc2047d_charset_names(self) -> None:
+        self.assertEqual(_run("rfc2047d", "=??q?abc?="), "abc")
+        self.assertEqual(_run("rfc2047d", "=?lat*in1?q?=E9?="), "\xc3\xa9")
+        self.assertEqual(_run("rfc2047d", "=?latin1//TRANSLIT?q?=E9?="), "\xc3\xa9")
+        self.assertEqual(_run("rfc2047d", "=?latin-1?q?=E9?="),
+                         'FAIL:iconv_open("UTF-8", "latin-1") failed: Invalid argument'
+                         " (maybe unsupported conversion)")
+        self.assertEqual(_run("rfc2047d", "=?bad1?q?a?= =?bad2?q?b?="),
+                         'FAIL:iconv_open("UTF-8", "bad2") failed: Invalid argument'
+                         " (maybe unsupported conversion)")
+
+    def test_extract_json_messages(self) -> None:
+        cases = [
+            ("a", "not json", False, "missing '{' wrapping object for extract json"),
+            ("a", '{"a":1', False, "missing '}' wrapping object for extract json"),
+            ("1", "not", False, "missing '[' wrapping array for extract json"),
+            ("1", "[1,2", False, "missing ']' wrapping array for extract json"),
+            ("a", '{"a":5}', True, "missing '\"' wrapping string result for extract jsons"),
+        ]
+        for key, text, strip, message in cases:
+            e = self.assertRaises(ExpansionError, ops.extract_json, key, text, strip)
+            self.assertEqual(e.message, message, text)
+
+    def test_hash_zero_count_short_subject(self) -> None:
+        self.assertEqual(_run("hash_3_0", "abc"), "abc")
+
+    def test_time_eval_int_overflow(self) -> None:
+        for arg in ("2147483648s", "4294967295s", "99999999999999999999w", "2147483647s1s"):
+            self.assertEqual(
+                _run("time_eval", arg),
+                f'FAIL:string "{arg}" is not an Exim time interval in "time_eval" operator')
+        self.assertEqual(_run("time_eval", "2147483647s2147483647s2s"), "0")
+        self.assertEqual(_run("time_interval", "2147483648"), "-5d3h14m8s")
+        self.assertEqual(_run("time_interval", "2147483649"), "-3550w5d3h14m7s")
+
+    def test_idn_libraries(self) -> None:
+        cases = [
+            ("utf8_domain_to_alabel", "\xc3\x89.com", "xn--9ca.com"),
+            ("utf8_domain_to_alabel", "\xe2\x85\xab.com", "xii.com"),
+            ("utf8_domain_to_alabel", "e\xcc\x81.com", "xn--9ca.com"),
+            ("utf8_domain_to_alabel", "\xc3\xa9..com", "xn--9ca..com"),
+            ("utf8_domain_to_alabel", "-\xc3\xa9.com",
+             "FAIL:error converting utf8 (-\\303\\251.com) to alabel: string start/ends with forbidden hyphen"),
+            ("utf8_localpart_from_alabel", "xn--9ca.x", "\xc3\xa9\xc3\xbd\xc3\xb5"),
+        ]
+        for name, arg, want in cases:
+            self.assertEqual(_run(name, arg), want, arg)
+
+
 class RegexTests(unittest.TestCase):
     def test_errors(self) -> None:
         from twisted_mta.expand.regex import compile_regex

@@ -1112,19 +1112,78 @@ def _idna_error(direction: str, s: str, reason: str) -> ExpansionError:
     return ExpansionError(f"error converting {direction} ({_escape(s)}) to {'alabel' if direction == 'utf8' else 'utf8'}: {reason}")
 
 
+def _load_idn():
+    """libidn2's idn2_lookup_u8() and libidn's punycode_decode(), the
+    libraries Debian's Exim uses, through ctypes; None where missing."""
+    try:
+        idn2 = ctypes.CDLL("libidn2.so.0")
+        idn = ctypes.CDLL("libidn.so.12")
+        libc = ctypes.CDLL(None)
+        funcs = (idn2.idn2_lookup_u8, idn2.idn2_strerror, idn.punycode_decode,
+                 idn.punycode_strerror, idn.stringprep_ucs4_to_utf8, libc.free)
+    except (OSError, AttributeError):  # pragma: no cover - libraries absent
+        return None
+    funcs[0].argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
+    funcs[0].restype = ctypes.c_int
+    funcs[1].argtypes = [ctypes.c_int]
+    funcs[1].restype = ctypes.c_char_p
+    funcs[2].argtypes = [ctypes.c_size_t, ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t),
+                         ctypes.c_void_p, ctypes.c_void_p]
+    funcs[2].restype = ctypes.c_int
+    funcs[3].argtypes = [ctypes.c_int]
+    funcs[3].restype = ctypes.c_char_p
+    funcs[4].argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_void_p,
+                         ctypes.POINTER(ctypes.c_size_t)]
+    funcs[4].restype = ctypes.c_void_p
+    funcs[5].argtypes = [ctypes.c_void_p]
+    return funcs
+
+
+_IDN = _load_idn()
+_IDN2_NFC_INPUT = 1
+
+
 def _op_domain_to_alabel(s: str) -> str:
     if s.isascii():
         return s
-    try:
+    if _IDN is not None:
+        lookup, strerror, *_rest, free = _IDN
+        out = ctypes.c_void_p()
+        rc = lookup(_bytes(_lc(s)).split(b"\0", 1)[0], ctypes.byref(out), _IDN2_NFC_INPUT)
+        if rc != 0:
+            raise _idna_error("utf8", s, _text(strerror(rc)))
+        try:
+            return _text(ctypes.string_at(out.value))
+        finally:
+            free(out)
+    try:  # pragma: no cover - without libidn2
         return idna.encode(_utf8(_lc(s)), uts46=False).decode("ascii")
     except UnicodeDecodeError:
         raise _idna_error("utf8", s, "string encoding error") from None
     except idna.IDNAError as e:
-        raise _idna_error("utf8", s, str(e)) from None
+        raise _idna_error("utf8", s, _text(str(e).encode("utf-8"))) from None
 
 
 def _punycode_decode(label: str, s: str) -> str:
-    try:
+    """string_localpart_alabel_to_utf8_(): punycode-decode what follows
+    the ``xn--`` prefix."""
+    if _IDN is not None:
+        _lookup, _strerror, decode, strerror, to_utf8, free = _IDN
+        data = _bytes(label[4:]).split(b"\0", 1)[0]
+        buf = (ctypes.c_uint32 * (len(data) + 1))()
+        n = ctypes.c_size_t(len(data))
+        rc = decode(len(data), data, ctypes.byref(n), buf, None)
+        if rc != 0:
+            raise _idna_error("alabel", s, _text(strerror(rc)))
+        written = ctypes.c_size_t(0)
+        out = to_utf8(buf, n.value, None, ctypes.byref(written))
+        if not out:
+            return ""
+        try:
+            return _text(ctypes.string_at(out, written.value))
+        finally:
+            free(out)
+    try:  # pragma: no cover - without libidn
         return _text(label[4:].encode("ascii").decode("punycode").encode("utf-8"))
     except (UnicodeError, ValueError):
         raise _idna_error("alabel", s, "Invalid input") from None
