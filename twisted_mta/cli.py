@@ -155,35 +155,58 @@ def print_options(config, names: list[str], out: BinaryIO) -> int:
 
 
 def expansion_test(config, strings: list[str], stdin: BinaryIO, out: BinaryIO) -> int:
-    """``-be``: expand each argument, or each line of standard input.
-
-    The reactor is started only if an expansion has to wait (a network
-    lookup, ``${run}``...): most sessions never need it, and importing it
-    would double the command's start-up time."""
-    from twisted.internet.defer import Deferred
-
+    """``-be``: expand each argument, or each line of standard input."""
     ctx = _be_context(config)
     ctx.threadpool.start()
     try:
-        done = Deferred.fromCoroutine(_expansion_session(ctx, config, strings, stdin, out))
-        if not done.called:
-            from twisted.internet import reactor
-
-            done.addBoth(_stop_reactor, reactor)
-            reactor.run()
-        outcome: list = []
-        done.addBoth(outcome.append)
+        run_coroutine(_expansion_session(ctx, config, strings, stdin, out))
     finally:
         ctx.threadpool.stop()
-    result = outcome[0]
-    if hasattr(result, "raiseException"):
-        result.raiseException()
     return 0
 
 
-def _stop_reactor(result, reactor):
-    reactor.stop()
-    return result
+def run_coroutine(coro) -> None:
+    """Run *coro* to the end.
+
+    It runs synchronously for as long as it does not wait; only if it awaits
+    a Deferred (a network lookup, ``${run}``...) is the reactor started to
+    drive the rest.  Most ``-be`` sessions never wait, and importing the
+    reactor would double the command's start-up time.  Exceptions from the
+    coroutine propagate."""
+    failure: list[BaseException] = []
+
+    def step(error: BaseException | None = None):
+        """Resume the coroutine (raising *error* at its await); return the
+        Deferred it now waits on, or None when it has finished."""
+        try:
+            return coro.send(None) if error is None else coro.throw(error)
+        except StopIteration:
+            return None
+        except BaseException as e:  # re-raised below, outside the reactor
+            failure.append(e)
+            return None
+
+    waiting = step()
+    if waiting is not None:
+        from twisted.internet import reactor
+        from twisted.python.failure import Failure
+
+        def resume(result):
+            # Called while the awaited Deferred runs its callbacks, so the
+            # coroutine's await still sees a plain result there; a failure is
+            # thrown in, as Twisted's own coroutine driver does, and consumed.
+            error = result.value if isinstance(result, Failure) else None
+            following = step(error)
+            if following is None:
+                reactor.stop()
+            else:
+                following.addBoth(resume)
+            return None if error is not None else result
+
+        waiting.addBoth(resume)
+        reactor.run()
+    if failure:
+        raise failure[0]
 
 
 class LazyReactor:

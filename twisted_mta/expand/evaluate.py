@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from twisted.internet.defer import Deferred
-
 from twisted_mta.expand.nodes import Evaluation
 from twisted_mta.expand.parser import parse
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
     from twisted_mta.expand.context import ExpansionContext
 
 
@@ -30,6 +30,10 @@ async def expand_string(text: str, ctx: ExpansionContext, ev: Evaluation | None 
 
 def expand_deferred(text: str, ctx: ExpansionContext) -> Deferred:
     """:func:`expand_string` for callers at a protocol edge."""
+    # Imported here: twisted.internet.defer costs more to import than the
+    # whole expansion engine, and the -be command rarely needs it.
+    from twisted.internet.defer import Deferred
+
     return Deferred.fromCoroutine(expand_string(text, ctx))
 
 
