@@ -19,12 +19,13 @@ if TYPE_CHECKING:
 
 Getter = Callable[["Evaluation", str], str]
 
-# Every variable Exim 4.96 knows, plus the older names of the experimental
-# features (proxy_host_*, tpda_*), which exim-py also accepts.
+# Every variable Exim 4.96 knows (Debian's build: no ARC, and the filter-only
+# $n0..$n9 are unknown here), plus the variables of the experimental features
+# Debian's build lacks (BMI, DCC, DMARC) and their older names (proxy_host_*,
+# tpda_*), which exim-py also accepts.
 _KNOWN = """
 acl_arg1 acl_arg2 acl_arg3 acl_arg4 acl_arg5 acl_arg6 acl_arg7 acl_arg8 acl_arg9 acl_narg
-acl_verify_message address_data address_file address_pipe arc_domains arc_oldest_pass
-arc_state arc_state_reason authenticated_fail_id authenticated_id authenticated_sender
+acl_verify_message address_data address_file address_pipe authenticated_fail_id authenticated_id authenticated_sender
 authentication_failed av_failed bmi_alt_location bmi_base64_tracker_verdict
 bmi_base64_verdict bmi_deliver body_linecount body_zerocount bounce_recipient
 bounce_return_size_limit caller_gid caller_uid callout_address compile_date compile_number
@@ -46,8 +47,7 @@ message_id message_linecount message_size message_smtputf8 mime_anomaly_level
 mime_anomaly_text mime_boundary mime_charset mime_content_description
 mime_content_disposition mime_content_id mime_content_size
 mime_content_transfer_encoding mime_content_type mime_decoded_filename mime_filename
-mime_is_coverletter mime_is_multipart mime_is_rfc822 mime_part_count n0 n1 n2 n3 n4 n5 n6
-n7 n8 n9 original_domain original_local_part originator_gid originator_uid parent_domain
+mime_is_coverletter mime_is_multipart mime_is_rfc822 mime_part_count original_domain original_local_part originator_gid originator_uid parent_domain
 parent_local_part pid prdr_requested primary_hostname proxy_external_address
 proxy_external_port proxy_local_address proxy_local_port proxy_session prvscheck_address
 prvscheck_keynum prvscheck_result qualify_domain qualify_recipient queue_name queue_size
@@ -77,7 +77,7 @@ proxy_host_address proxy_host_port proxy_target_address proxy_target_port
 proxy_tlv_authority proxy_tlv_unique_id proxy_tlv_ssl_version proxy_tlv_ssl_cn
 tpda_event_name tpda_event_data tpda_event_defer_errno tpda_delivery_ip
 tpda_delivery_port tpda_delivery_fqdn tpda_delivery_local_part tpda_delivery_domain
-tpda_delivery_confirmation dsn_lasthop
+tpda_delivery_confirmation
 """.split()
 
 
@@ -114,6 +114,24 @@ def _qualify_recipient(ev: Evaluation, name: str) -> str:
 
 def _version(ev: Evaluation, name: str) -> str:
     return EXIM_COMPAT_VERSION
+
+
+def _free_space(ev: Evaluation, which: str, inodes: bool) -> str:
+    """Free kilobytes (or inodes) where the spool or the log lives, as
+    Exim's $spool_space and friends report them."""
+    path = str(ev.ctx.main_option("spool_directory", "") or "/")
+    if which == "log":
+        log_path = str(ev.ctx.main_option("log_file_path", "") or "")
+        first = log_path.split(":")[0].strip()
+        if first.startswith("/"):
+            path = os.path.dirname(first)
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return "-1"
+    if inodes:
+        return str(st.f_favail)
+    return str(st.f_bavail * st.f_frsize // 1024)
 
 
 def _exim_path() -> str:
@@ -217,7 +235,13 @@ def _config_file(ev: Evaluation, name: str) -> str:
 
 
 def _config_dir(ev: Evaluation, name: str) -> str:
-    return os.path.dirname(_config_file(ev, name))
+    # Exim's rule, quirks included: the file name up to its last "/", made
+    # absolute by prefixing the working directory and a "/".
+    filename = _config_file(ev, name)
+    directory = filename[: max(filename.rfind("/"), 0)]
+    if filename.startswith("/"):
+        return directory
+    return os.getcwd() + "/" + directory
 
 
 def _spool_directory(ev: Evaluation, name: str) -> str:
@@ -261,6 +285,12 @@ _SPECIAL: dict[str, Getter] = {
     "spool_directory": _spool_directory,
     "smtp_active_hostname": _smtp_active_hostname,
     "message_size": _constant("0"),
+    "load_average": lambda ev, name: str(int(os.getloadavg()[0] * 1000)),
+    "spool_space": lambda ev, name: _free_space(ev, "spool", inodes=False),
+    "spool_inodes": lambda ev, name: _free_space(ev, "spool", inodes=True),
+    "log_space": lambda ev, name: _free_space(ev, "log", inodes=False),
+    "log_inodes": lambda ev, name: _free_space(ev, "log", inodes=True),
+    "spf_guess": _option("spf_guess", "v=spf1 a/24 mx/24 ptr ?all"),
     "local_user_uid": _constant("4294967295"),
     "local_user_gid": _constant("4294967295"),
     "max_received_linelength": _constant("0"),
@@ -284,6 +314,26 @@ _SPECIAL: dict[str, Getter] = {
 }
 for _i in range(1, 10):
     _SPECIAL[f"acl_arg{_i}"] = _acl_arg
+# The values Exim gives these before anything sets them.
+for _name in (
+    "authentication_failed av_failed event_defer_errno host_lookup_deferred "
+    "host_lookup_failed host_port inode localhost_number message_age "
+    "mime_anomaly_level mime_content_size mime_is_coverletter mime_is_multipart "
+    "mime_is_rfc822 proxy_external_port proxy_local_port rcpt_defer_count "
+    "rcpt_fail_count smtp_count_at_connection_start tls_bits tls_certificate_verified "
+    "tls_in_bits tls_in_certificate_verified tls_in_ocsp tls_in_resumption tls_out_bits "
+    "tls_out_certificate_verified tls_out_ocsp tls_out_resumption tls_out_tlsa_usage "
+    "dkim_created dkim_key_length dkim_key_nosubdomains dkim_key_testing"
+).split():
+    _SPECIAL[_name] = _constant("0")
+for _name in (
+    "message_smtputf8 prdr_requested proxy_session sender_helo_dnssec "
+    "sender_host_dnssec spf_result_guessed tls_out_dane"
+).split():
+    _SPECIAL[_name] = _constant("no")
+_SPECIAL["sending_port"] = _constant("-1")
+_SPECIAL["dkim_bodylength"] = _SPECIAL["dkim_expires"] = _constant("9999999999999")
+_SPECIAL["dkim_key_granularity"] = _SPECIAL["dkim_key_srvtype"] = _constant("*")
 
 _TABLE: dict[str, Getter] = {name: _SPECIAL.get(name, _empty) for name in _KNOWN}
 _TABLE.update(_SPECIAL)
