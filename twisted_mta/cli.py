@@ -34,6 +34,9 @@ class Invocation:
     config_file: str | None = None
     defines: dict[str, str] = field(default_factory=dict)
     arguments: list[str] = field(default_factory=list)
+    host: str = ""
+    ports: str | None = None
+    pid_file: str | None = None
 
 
 def parse_arguments(argv: Sequence[str]) -> Invocation:
@@ -56,8 +59,15 @@ def parse_arguments(argv: Sequence[str]) -> Invocation:
             text, i = _attached_or_next(arg, 2, args, i)
             name, _, value = text.partition("=")
             inv.defines[name.strip()] = value.strip()
-        elif arg in ("-be", "-bV", "-bP"):
+        elif arg in ("-be", "-bV", "-bP", "-bs", "-bd", "-bdf"):
             inv.mode = arg[1:]
+        elif arg in ("-bh", "-bhc"):
+            inv.mode = "bh"
+            inv.host, i = _attached_or_next("-bh", 3, args, i)
+        elif arg.startswith("-oX"):
+            inv.ports, i = _attached_or_next(arg, 3, args, i)
+        elif arg.startswith("-oP"):
+            inv.pid_file, i = _attached_or_next(arg, 3, args, i)
         elif arg == "--version":
             inv.mode = "bV"
         else:
@@ -119,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"{e}\n")
         return 1
     if inv.mode is None:
-        sys.stderr.write("exim-py: no mode given (try -be, -bV or -bP)\n")
+        sys.stderr.write("exim-py: no mode given (try -be, -bh, -bd, -bV or -bP)\n")
         return 1
     config = load(inv)
     out = sys.stdout.buffer
@@ -129,6 +139,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if inv.mode == "bP":
         return print_options(config, inv.arguments, out)
+    if inv.mode == "bh":
+        from twisted_mta.hostcheck import host_check
+
+        return host_check(config, inv.host, sys.stdin.buffer, out, sys.stderr.buffer)
+    if inv.mode == "bs":
+        from twisted_mta.hostcheck import local_session
+
+        return local_session(config, sys.stdin.buffer, out, sys.stderr.buffer)
+    if inv.mode in ("bd", "bdf"):
+        from twisted_mta.service import run_daemon
+
+        return run_daemon(config, ports=inv.ports, pid_file=inv.pid_file)
     return expansion_test(config, inv.arguments, sys.stdin.buffer, out)
 
 

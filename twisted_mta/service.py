@@ -1,22 +1,38 @@
-"""The exim-py daemon as a twistd plugin: option parsing and the service tree."""
+"""The exim-py daemon: the twistd plugin's options and the service tree.
+
+L{MTAService} owns what every connection shares (log, spool, message-id
+allocator, thread pool, resolver, ratelimit hints, TLS) and one listener
+per interface and port from ``local_interfaces`` and
+``daemon_smtp_ports`` (``-oX`` overrides them).  ``twistd -n exim-py`` and
+``exim-py -bd`` run exactly this service.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 from datetime import datetime
+from typing import Any
 
 from twisted.application import service
 from twisted.application.service import IServiceMaker
+from twisted.internet import protocol
 from twisted.plugin import IPlugin
 from twisted.python import usage
 from zope.interface import implementer
 
+from twisted_mta import EXIM_COMPAT_VERSION
 from twisted_mta.cli import DEFAULT_CONFIG
+from twisted_mta.values import list_separator, split_list, split_list_with
+
+DEFAULT_INTERFACES = "<; 0.0.0.0 ; ::0"
 
 
 class Options(usage.Options):
     optParameters = [
         ["config", "C", DEFAULT_CONFIG, "The Exim configuration file to run."],
+        ["ports", "X", None, "Override daemon_smtp_ports/local_interfaces (as -oX)."],
     ]
 
     def __init__(self) -> None:
@@ -29,13 +45,240 @@ class Options(usage.Options):
         self["defines"][name.strip()] = value.strip()
 
 
-class MTAService(service.MultiService):
-    """The daemon: the configuration, and (as they land) the listeners, the
-    queue runner and the manhole as child services."""
+def _port_number(text: str) -> int:
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return socket.getservbyname(text, "tcp")
+    except OSError:
+        raise ValueError(f'TCP port "{text}" is not defined') from None
 
-    def __init__(self, config) -> None:
+
+def listening_addresses(config: Any, override: str | None = None) -> list[tuple[str, int]]:
+    """(address, port) pairs to listen on.
+
+    ``local_interfaces`` items may carry their own port (``ip.port`` or
+    ``[ip]:port``); the others get every port of ``daemon_smtp_ports``.
+    *override* is ``-oX``: a port list, or an interface list when it
+    contains dots or colons other than list separators."""
+    ports_text = config.get("daemon_smtp_ports") or "smtp"
+    interfaces_text = config.get("local_interfaces") or DEFAULT_INTERFACES
+    if override:
+        if all(c.isdigit() or c in ": ," for c in override):
+            ports_text = override.replace(",", ":")
+        else:
+            interfaces_text = override
+    ports = [_port_number(p) for p in split_list(ports_text)]
+    sep, rest = list_separator(interfaces_text)
+    found: list[tuple[str, int]] = []
+    for item in split_list_with(rest, sep):
+        address, port = _interface_item(item)
+        for p in [port] if port is not None else ports:
+            if (address, p) not in found:
+                found.append((address, p))
+    return found
+
+
+def _interface_item(item: str) -> tuple[str, int | None]:
+    from twisted_mta.lists import ip_version
+
+    item = item.strip()
+    if item.startswith("[") and "]" in item:
+        address, _, rest = item[1:].partition("]")
+        port = rest.lstrip(":.")
+        return address, int(port) if port.isdigit() else None
+    if ip_version(item):
+        return item, None
+    head, _, tail = item.rpartition(".")
+    if tail.isdigit() and ip_version(head):
+        return head, int(tail)
+    raise ValueError(f'malformed IP address "{item}" in local_interfaces')
+
+
+class SMTPFactory(protocol.ServerFactory):
+    """Builds an ESMTP session per connection, applying Exim's connection
+    limits (smtp_accept_max, smtp_accept_max_per_host, smtp_accept_queue)."""
+
+    def __init__(self, mta: MTAService, tls_on_connect: bool = False) -> None:
+        self.mta = mta
+        self.tls_on_connect = tls_on_connect
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        from twisted_mta.smtp.server import ESMTPServer
+
+        mta = self.mta
+        peer = (addr.host, addr.port)
+        refusal = mta.connection_refusal(addr.host)
+        if refusal is not None:
+            return _Refuse(refusal, mta, addr.host)
+        server = ESMTPServer(mta.settings, peer=peer, local=None,
+                             tls_on_connect=self.tls_on_connect)
+        server.factory = self
+        mta.connection_opened(server)
+        return server
+
+
+class _Refuse(protocol.Protocol):
+    """Says 421 and hangs up (too many connections)."""
+
+    def __init__(self, text: str, mta: MTAService, address: str) -> None:
+        self.text = text
+        self.mta = mta
+        self.address = address
+
+    def connectionMade(self) -> None:
+        self.transport.write(f"421 {self.text}\r\n".encode())
+        self.transport.loseConnection()
+
+
+class MTAService(service.MultiService):
+    """The daemon: the configuration, the listeners, and (as they land)
+    the queue runner and the manhole as child services."""
+
+    def __init__(self, config: Any, reactor: Any = None, ports: str | None = None) -> None:
         super().__init__()
         self.config = config
+        self.reactor = reactor
+        self.ports_override = ports
+        self.listeners: list[Any] = []
+        self.connections: dict[str, int] = {}
+        self.total_connections = 0
+        self.settings: Any = None
+        self.threadpool: Any = None
+
+    # -- connection accounting -----------------------------------------------
+
+    def connection_refusal(self, address: str) -> str | None:
+        config = self.config
+        hostname = config.get("primary_hostname")
+        limit = config.get("smtp_accept_max", 20)
+        if limit and self.total_connections >= limit:
+            self.settings.log.write(f"Connection from [{address}] refused: too many "
+                                    f"connections", targets=("main",))
+            return f"{hostname} Too many concurrent SMTP connections; please try again later."
+        per_host = config.get("smtp_accept_max_per_host")
+        if per_host:
+            try:
+                per_host_limit = int(per_host)
+            except ValueError:
+                per_host_limit = 0
+            if per_host_limit and self.connections.get(address, 0) >= per_host_limit:
+                self.settings.log.write(
+                    f"Connection from [{address}] refused: too many connections from that IP "
+                    f"address", targets=("main",))
+                return (f"{hostname} Too many concurrent SMTP connections from this IP "
+                        f"address; please try again later.")
+        return None
+
+    def connection_opened(self, server: Any) -> None:
+        address = server.sender_host_address
+        self.connections[address] = self.connections.get(address, 0) + 1
+        self.total_connections += 1
+        queue_over = self.config.get("smtp_accept_queue", 0)
+        if queue_over and self.total_connections > queue_over:
+            server.queue_only = True
+        original = server.connectionLost
+
+        def lost(reason: Any = None) -> None:
+            self.total_connections -= 1
+            remaining = self.connections.get(address, 1) - 1
+            if remaining:
+                self.connections[address] = remaining
+            else:
+                self.connections.pop(address, None)
+            original(reason)
+
+        server.connectionLost = lost
+
+    # -- start and stop ---------------------------------------------------------
+
+    def _build_settings(self) -> None:
+        from twisted.python.threadpool import ThreadPool
+
+        from twisted_mta.acl.ratelimit import RatelimitStore
+        from twisted_mta.dns import Resolver
+        from twisted_mta.log import EximLog, ThreadLogWriter
+        from twisted_mta.smtp.server import ConnectionSettings
+        from twisted_mta.spool.ids import MessageIdAllocator
+        from twisted_mta.spool.store import Spool
+
+        config = self.config
+        reactor = self.reactor
+        spool_directory = config.get("spool_directory") or "./exim-py-spool"
+        self.threadpool = ThreadPool(minthreads=1, maxthreads=16, name="exim-py")
+        self.threadpool.start()
+        log = EximLog.from_config(config, reactor, os.getpid(),
+                                  ThreadLogWriter(reactor.callFromThread))
+        spool = Spool(spool_directory, split=bool(config.get("split_spool_directory")))
+        self.spool = spool
+        self.settings = ConnectionSettings(
+            config, reactor=reactor, clock=reactor, log=log, spool=spool,
+            id_allocator=MessageIdAllocator(reactor.seconds, os.getpid(),
+                                            config.get("localhost_number")),
+            resolver=Resolver(reactor, self.threadpool), threadpool=self.threadpool,
+            ratelimit_store=RatelimitStore(os.path.join(spool_directory, "db", "ratelimit")),
+            tls=_server_tls(config))
+
+    def startService(self) -> None:
+        from twisted_mta.spool.recovery import recover
+
+        if self.reactor is None:
+            from twisted.internet import reactor
+
+            self.reactor = reactor
+        self._build_settings()
+        report = recover(self.spool)
+        for path in report.removed:
+            self.settings.log.write(f"removed unfinished spool file {path}", targets=("main",))
+        tls_ports = {_port_number(p) for p in split_list(
+            self.config.get("tls_on_connect_ports") or "")}
+        listening = []
+        for address, port in listening_addresses(self.config, self.ports_override):
+            factory = SMTPFactory(self, tls_on_connect=port in tls_ports)
+            try:
+                listener = self.reactor.listenTCP(port, factory, interface=address)
+            except Exception as e:
+                if address in ("::0", "::") and any(a == "0.0.0.0" for a, _ in listening):
+                    continue
+                self.settings.log.write(f"socket bind() to port {port} for address "
+                                        f"{address} failed: {e}: daemon abandoned",
+                                        targets=("main", "panic"))
+                raise
+            self.listeners.append(listener)
+            host = listener.getHost()
+            listening.append((address, host.port))
+        self.listening = listening
+        where = " ".join(f"[{a}]:{p}" for a, p in listening)
+        self.settings.log.write(
+            f"exim {EXIM_COMPAT_VERSION} daemon started: pid={os.getpid()}, no queue runs, "
+            f"listening for SMTP on {where}", targets=("main",))
+        super().startService()
+
+    def stopService(self) -> Any:
+        from twisted.internet import defer
+
+        stopping = [defer.maybeDeferred(listener.stopListening) for listener in self.listeners]
+        self.listeners = []
+        result = defer.gatherResults(stopping + [defer.maybeDeferred(
+            super().stopService)])
+
+        def finish(_: Any) -> Any:
+            if self.settings is not None:
+                self.settings.log.close()
+            if self.threadpool is not None:
+                self.threadpool.stop()
+            return _
+
+        return result.addBoth(finish)
+
+
+def _server_tls(config: Any) -> Any:
+    """The STARTTLS context source (a self-signed certificate stands in
+    when tls_certificate is unset, as in Exim)."""
+    from twisted_mta.smtp.tlsserver import SessionTLS
+
+    return SessionTLS(config)
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -45,11 +288,30 @@ class ServiceMaker:
     options = Options
 
     def makeService(self, options: Options) -> service.IService:
-        from twisted_mta.config import ConfigError, load_config
+        config = load_or_exit(options["config"], options["defines"])
+        return MTAService(config, ports=options["ports"])
 
-        try:
-            config = load_config(options["config"], defines=options["defines"] or None)
-        except ConfigError as e:
-            sys.stderr.write(e.format(datetime.now()) + "\n")
-            raise SystemExit(1) from None
-        return MTAService(config)
+
+def load_or_exit(path: str, defines: dict[str, str] | None) -> Any:
+    from twisted_mta.config import ConfigError, load_config
+
+    try:
+        return load_config(path, defines=defines or None)
+    except ConfigError as e:
+        sys.stderr.write(e.format(datetime.now()) + "\n")
+        raise SystemExit(1) from None
+
+
+def run_daemon(config: Any, ports: str | None = None, pid_file: str | None = None) -> int:
+    """``exim-py -bd``: the same service as the twistd plugin, in the
+    foreground."""
+    from twisted.internet import reactor
+
+    mta = MTAService(config, reactor=reactor, ports=ports)
+    if pid_file:
+        with open(pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    reactor.callWhenRunning(mta.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", mta.stopService)
+    reactor.run()
+    return 0

@@ -363,6 +363,19 @@ def parse_config_text(text: str, filename: str = "<string>",
     return _Parser(text, filename, defines).run()
 
 
+def parse_acl_text(text: str, name: str, macros: Macros | None = None,
+                   filename: str = "<inline ACL>") -> Acl:
+    """An ACL given inline in an ``acl_smtp_*`` option (or read from a file
+    named there): the statements of *text*, newline-separated, as if they
+    followed ``name:`` in the ACL section.  Raises ConfigError."""
+    parser = _Parser("", filename, None)
+    if macros is not None:
+        parser.config.macro_table = macros
+    parser.reader = LineReader(f"{name}:\n{text}", filename, parser.config.macro_table)
+    parser._acls()
+    return parser.config.acls[name]
+
+
 def load_config(path: str, defines: dict[str, str] | None = None) -> Config:
     """Read and parse the configuration file at *path* (Latin-1)."""
     try:

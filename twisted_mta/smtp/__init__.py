@@ -1,0 +1,1 @@
+"""The SMTP protocols: the inbound ESMTP server and its parts."""

@@ -1,0 +1,311 @@
+"""The end of a message: Received header, PRDR, the DATA ACL, the spool
+and the ``<=`` log line (Exim's ``receive_msg()`` after the data).
+
+The 250 goes out only after the ``-D`` and ``-H`` files and the spool
+directory are fsynced, in a worker thread so the reactor keeps serving.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from twisted_mta.expand.errors import ExpansionError
+from twisted_mta.smtp.message import Header, IncomingMessage
+from twisted_mta.smtp.replies import printing, split_user_code
+
+if TYPE_CHECKING:
+    from twisted_mta.smtp.server import ESMTPServer
+
+_PRDR_TEXT = {"accept": ("250", "acceptance"), "discard": ("250", "acceptance"),
+              "defer": ("450", "temporary refusal")}
+
+
+async def receive_message(server: ESMTPServer, message: IncomingMessage, *,
+                          chunked: bool) -> None:
+    """Finish the transaction for *message*: reply, log, spool."""
+    txn = server.transaction
+    variables = server.vars
+    message_id, received_time = server.allocate_message_id()
+    variables["message_exim_id"] = variables["message_id"] = message_id
+    if message.too_big:
+        server.reply("552", "Message size exceeds maximum permitted")
+        server.log_write(f"rejected from <{txn.sender}> {server.host_and_ident(True)}: message "
+                         f"too big: read={message.size_read} max={server.message_size_limit()}",
+                         ("main", "reject"), message_id=message_id)
+        server.finish_transaction()
+        return
+    recipients = txn.recipients
+    variables["received_for"] = recipients[0].address if len(recipients) == 1 else ""
+    received = await _received_header(server, received_time)
+    if received is None:
+        server.finish_transaction()
+        return
+    message.add_header(Header(received, "P"), 0)
+    received_count = sum(1 for h in message.headers if h.name.lower() == "received")
+    if received_count > server.config.get("received_headers_max", 30):
+        server.reply("550", 'Too many "Received" headers - suspected mail loop')
+        server.log_write(f'{server.host_and_ident(True)} F=<{txn.sender}> rejected: too many '
+                         f'"Received" headers - suspected mail loop', ("main", "reject"),
+                         message_id=message_id)
+        server.finish_transaction()
+        return
+    _apply_acl_headers(server, message)
+    _message_variables(server, message)
+
+    prdr_lines: list[tuple[str, str]] | None = None
+    kept = list(recipients)
+    if txn.prdr and len(recipients) > 1 and _prdr_acl_set(server):
+        prdr_lines, kept = await _run_prdr(server, recipients)
+        if not kept:
+            txn.recipients = []
+    if kept or prdr_lines is None:
+        outcome = await server.acl("data") if server.config.get("acl_smtp_data") else None
+    else:
+        outcome = None
+    if prdr_lines is not None:
+        server.send(b"353 PRDR content analysis beginning\r\n")
+        for code, text in prdr_lines:
+            server.send(f"{code} {text}\r\n".encode("utf-8", "surrogateescape"))
+    if outcome is not None and outcome.verdict not in ("accept", "discard"):
+        server.acl_failed("data", outcome, "")
+        server.finish_transaction()
+        return
+    _apply_acl_headers(server, message)
+    discarded = (outcome is not None and outcome.verdict == "discard") or txn.discarded
+    if discarded:
+        log_msg = outcome.log_message if outcome is not None else None
+        server.log_write(f"{server.host_and_ident(True)} F=<{txn.sender}> rejected after DATA: "
+                         f"discarded by DATA ACL{': ' + log_msg if log_msg else ''}"
+                         .replace("rejected after DATA: ", ""), ("main",),
+                         message_id=message_id)
+        _final_reply(server, outcome, message_id)
+        server.finish_transaction()
+        return
+    txn.recipients = kept
+    variables["message_size"] = str(message.size())
+    if kept:
+        if not server.host_checking:
+            await server.store_message(message_id, received_time, message)
+        server.log_write(reception_log_line(server, message, prdr_lines is not None),
+                         ("main",), message_id=message_id)
+    if prdr_lines is not None:
+        _prdr_final_reply(server, prdr_lines, message_id)
+    else:
+        _final_reply(server, outcome, message_id)
+    if kept and not server.host_checking and server.settings.on_message is not None:
+        server.settings.on_message(message_id)
+    server.after_message_reply()
+    server.finish_transaction()
+
+
+async def _received_header(server: ESMTPServer, received_time: float) -> str | None:
+    text = server.config.get("received_header_text")
+    try:
+        expanded = await server.ctx.expand(text)
+    except ExpansionError as e:
+        server.log_write(f'Expansion of "{text}" (received_header_text) failed: {e.message}',
+                         ("main", "panic"))
+        server.reply("451", "Temporary local problem - please try later")
+        return None
+    stamp = time.strftime("%a, %d %b %Y %H:%M:%S ", time.localtime(received_time))
+    zone = time.strftime("%z", time.localtime(received_time))
+    return f"{expanded};\n\t{stamp}{zone}\n"
+
+
+def _apply_acl_headers(server: ESMTPServer, message: IncomingMessage) -> None:
+    """Headers added by ACLs go in (at the end, or where a ``:at_start:``
+    style prefix says); ``remove_header`` names are marked deleted."""
+    from twisted_mta.spool.flags import header_flag
+
+    txn = server.transaction
+    for text in txn.add_headers:
+        position = "end"
+        for prefix in (":at_start:", ":at_start_rfc:", ":after_received:", ":at_end:"):
+            if text.startswith(prefix):
+                position, text = prefix.strip(":"), text[len(prefix):]
+                break
+        for line in _header_lines(text):
+            if any(h.text == line for h in message.headers):
+                continue
+            header = Header(line, header_flag(line))
+            if position == "at_start":
+                message.add_header(header, 0)
+            elif position in ("after_received", "at_start_rfc"):
+                index = 0
+                while index < len(message.headers) and \
+                        message.headers[index].name.lower() == "received":
+                    index += 1
+                message.add_header(header, index)
+            else:
+                message.add_header(header)
+    txn.add_headers = []
+    for name in txn.remove_headers:
+        lowered = name.lower().rstrip(":")
+        for h in message.headers:
+            if h.name.lower() == lowered:
+                h.flag = "*"
+    txn.remove_headers = []
+
+
+def _header_lines(text: str) -> list[str]:
+    """Split ACL header text into header lines; a line that is not a
+    header gets ``X-ACL-Warn: `` in front, as Exim does."""
+    from twisted_mta.smtp.message import _is_header_line
+
+    lines: list[str] = []
+    for raw in text.split("\n"):
+        if not raw:
+            continue
+        if raw[:1] in (" ", "\t") and lines:
+            lines[-1] += raw + "\n"
+            continue
+        if not _is_header_line(raw.encode("utf-8", "surrogateescape")):
+            raw = "X-ACL-Warn: " + raw
+        lines.append(raw + "\n")
+    return lines
+
+
+def _message_variables(server: ESMTPServer, message: IncomingMessage) -> None:
+    variables = server.vars
+    variables["message_size"] = str(message.size_read)
+    variables["message_body_size"] = str(len(message.body))
+    variables["body_linecount"] = str(message.body_linecount)
+    variables["message_linecount"] = str(message.body_linecount + sum(
+        h.text.count("\n") for h in message.headers if h.flag != "*") + 1)
+    variables["body_zerocount"] = str(message.body_zerocount)
+    variables["max_received_linelength"] = str(message.max_linelength)
+    visible = int(server.config.get("message_body_visible", 500) or 500)
+    body = message.body.decode("utf-8", "surrogateescape")
+    variables["message_body"] = body[:visible].replace("\n", " ")
+    variables["message_body_end"] = body[-visible:].replace("\n", " ")
+    variables["__headers__"] = message.decoded_header_values()
+    variables["__headers_list__"] = message.headers
+    variables["message_headers"] = "".join(h.text for h in message.headers
+                                           if h.flag != "*").rstrip("\n")
+
+
+def _prdr_acl_set(server: ESMTPServer) -> bool:
+    value = server.config.get("acl_smtp_data_prdr")
+    return value is None or bool(value)
+
+
+async def _run_prdr(server: ESMTPServer, recipients: list[Any]
+                    ) -> tuple[list[tuple[str, str]], list[Any]]:
+    """Run the PRDR ACL for each recipient in order: the reply lines and
+    the recipients kept."""
+    lines: list[tuple[str, str]] = []
+    kept = []
+    results = []
+    for recipient in recipients:
+        local_part, _, domain = recipient.address.rpartition("@")
+        server.vars["local_part"], server.vars["domain"] = local_part, domain
+        outcome = await server.acl("prdr")
+        code, word = _PRDR_TEXT.get(outcome.verdict, ("550", "refusal"))
+        if outcome.user_message:
+            _, text, _ = split_user_code(code, outcome.user_message)
+            lines.append((code, text.split("\n", 1)[0]))
+        else:
+            lines.append((code, f"PRDR R=<{recipient.address}> {word}"))
+        if outcome.log_message or outcome.user_message:
+            note = (outcome.log_message or outcome.user_message).split("\n", 1)[0]
+            server.pending_prdr_logs.append(f"PRDR {recipient.address} {note}")
+        else:
+            server.pending_prdr_logs.append(f"PRDR R=<{recipient.address}> {word}")
+        results.append(outcome.verdict)
+        if outcome.verdict == "accept":
+            kept.append(recipient)
+    server.vars.pop("local_part", None)
+    server.vars.pop("domain", None)
+    server.prdr_results = results
+    return lines, kept
+
+
+def _prdr_final_reply(server: ESMTPServer, lines: list[tuple[str, str]],
+                      message_id: str) -> None:
+    """Exim's final PRDR reply, computed with its bit arithmetic: OK=0,
+    DEFER=1, FAIL=2, DISCARD=7."""
+    values = {"accept": 0, "defer": 1, "deny": 2, "drop": 2, "error": 3, "discard": 7}
+    all_fail, all_pass = 2, 0
+    for verdict in server.prdr_results:
+        all_fail &= values[verdict]
+        all_pass |= values[verdict]
+    for note in server.pending_prdr_logs:
+        server.log_write(note, ("main",), message_id=message_id)
+    server.pending_prdr_logs = []
+    if all_fail == 2:
+        code, text = "550", "rejected for all recipients"
+    elif all_pass == 0:
+        code, text = "250", "accepted"
+    else:
+        code, text = "250", "accepted for some recipients"
+    server.reply(code, f"id={message_id} message {text}")
+
+
+def _final_reply(server: ESMTPServer, outcome: Any, message_id: str) -> None:
+    if outcome is not None and outcome.user_message:
+        server.user_reply("250", outcome.user_message)
+    else:
+        server.reply("250", f"OK id={message_id}")
+
+
+def reception_log_line(server: ESMTPServer, message: IncomingMessage, prdr: bool) -> str:
+    """The ``<=`` line (element order as Exim's receive.c)."""
+    txn = server.transaction
+    selector = server.selector()
+    variables = server.vars
+    parts = [f"<= {txn.sender or '<>'}"]
+    host = server.host_and_ident(True)
+    if server.sender_host_address:
+        parts.append(host)
+    elif variables.get("sender_ident"):
+        parts.append(f"U={variables['sender_ident']}")
+    parts.append(f"P={variables.get('received_protocol', 'smtp')}")
+    if "pipelining" in selector and server.pipelining_used:
+        parts.append("L")
+    cipher = variables.get("tls_in_cipher")
+    if cipher:
+        if "tls_cipher" in selector:
+            parts.append(f"X={cipher}")
+        if "tls_certificate_verified" in selector:
+            verified = variables.get("tls_in_certificate_verified") == "1"
+            parts.append(f"CV={'yes' if verified else 'no'}")
+        if "tls_peerdn" in selector and variables.get("tls_in_peerdn"):
+            parts.append(f'DN="{variables["tls_in_peerdn"]}"')
+        if "tls_sni" in selector and variables.get("tls_in_sni"):
+            parts.append(f"SNI={variables['tls_in_sni']}")
+    if server.authenticated:
+        auth = f"A={server.authenticated}"
+        if variables.get("authenticated_id"):
+            auth += f":{variables['authenticated_id']}"
+        if "smtp_mailauth" in selector and txn.auth_sender:
+            auth += f":{txn.auth_sender}"
+        parts.append(auth)
+    if prdr:
+        parts.append("PRDR")
+    if "proxy" in selector and variables.get("proxy_local_address") \
+            and variables.get("proxy_external_address"):
+        parts.append(f"PRX={variables['proxy_local_address']}")
+    if server.chunking_used:
+        parts.append("K")
+    parts.append(f"S={message.size()}")
+    if "8bitmime" in selector:
+        parts.append(f"M8S={8 if txn.body_type == '8BITMIME' else 7 if txn.body_type else 0}")
+    if "receive_time" in selector:
+        parts.append(f"RT={server.receive_time():.3f}s")
+    if "msg_id" in selector:
+        for h in message.headers:
+            if h.flag == "I":
+                parts.append(f"id={h.value.strip()}")
+                break
+    if "subject" in selector:
+        for h in message.headers:
+            if h.name.lower() == "subject" and h.flag != "*":
+                subject = printing(h.value.strip().replace("\n", ""))
+                parts.append(f'T="{subject}"')
+                break
+    if "received_sender" in selector:
+        parts.append(f"from <{txn.sender}>")
+    if "received_recipients" in selector:
+        parts.append("for " + " ".join(r.address for r in server.all_recipients))
+    return " ".join(parts)

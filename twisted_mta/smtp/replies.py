@@ -1,0 +1,65 @@
+"""Formatting SMTP replies the way Exim does (``smtp_respond()``,
+``smtp_message_code()``)."""
+
+from __future__ import annotations
+
+import re
+
+# A configured message may start with its own code, and an extended code.
+_USER_CODE = re.compile(r"\d\d\d\s(?:\d\.\d\d?\d?\.\d\d?\d?\s)?")
+
+
+def split_user_code(default_code: str, message: str, check: bool = True
+                    ) -> tuple[str, str, bool]:
+    """(code prefix, text, valid): a message that starts ``NNN `` or
+    ``NNN X.Y.Z `` supplies its own code when its first digit matches the
+    default's class; the prefix includes the extended code.  *valid* is
+    False when the message tried a code of the wrong class (Exim then logs
+    a panic and keeps the default)."""
+    m = _USER_CODE.match(message)
+    if m is None:
+        return default_code, message, True
+    text = message[m.end():]
+    if check and message[0] != default_code[0]:
+        return default_code, text, False
+    return m.group().rstrip(), text, True
+
+
+def format_reply(code: str, message: str) -> bytes:
+    """One reply, several lines when *message* has newlines (leading
+    whitespace of continuation lines is dropped).  *code* may carry an
+    extended status code (``550 5.7.1``), repeated on every line."""
+    basic, _, extended = code.partition(" ")
+    prefix_rest = f"{extended} " if extended else ""
+    lines = message.split("\n")
+    if len(lines) > 1 and lines[-1] == "":
+        lines.pop()
+    out = []
+    for i, line in enumerate(lines):
+        if i:
+            line = line.lstrip(" \t")
+        sep = " " if i == len(lines) - 1 else "-"
+        out.append(f"{basic}{sep}{prefix_rest}{line}\r\n")
+    return "".join(out).encode("utf-8", "surrogateescape")
+
+
+def user_reply(default_code: str, message: str, check: bool = True) -> bytes:
+    """The reply for an ACL-supplied *message* (Exim's smtp_user_msg)."""
+    code, text, _ = split_user_code(default_code, message, check)
+    return format_reply(code, text)
+
+
+def printing(text: str) -> str:
+    """Exim's string_printing(): non-printing characters escaped."""
+    if all(" " <= c < "\x7f" or c == "\t" for c in text):
+        return text
+    out = []
+    for c in text:
+        if " " <= c < "\x7f" or c == "\t":
+            out.append(c)
+        elif c in "\n\r\b\f\v":
+            out.append("\\" + {"\n": "n", "\r": "r", "\b": "b", "\f": "f", "\v": "v"}[c])
+        else:
+            out.append(f"\\{ord(c) & 0xff:03o}" if ord(c) < 256 or 0xDC80 <= ord(c) < 0xDD00
+                       else c)
+    return "".join(out)

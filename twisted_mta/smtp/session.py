@@ -1,0 +1,175 @@
+"""The state of one SMTP connection and what its ACLs see of it.
+
+L{SmtpAclSession} is the L{AclSession} the ESMTP server hands to the ACL
+engine: the host, the controls, the headers ACLs add or remove, delays,
+verification, dnslists and ratelimit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twisted_mta.acl.engine import DEFER, ERROR, FAIL, OK, AclSession
+from twisted_mta.values import parse_time
+
+if TYPE_CHECKING:
+    from twisted_mta.smtp.server import ESMTPServer
+
+CONTROLS = frozenset((
+    "allow_auth_unadvertised", "caseful_local_part", "caselower_local_part",
+    "cutthrough_delivery", "debug", "dkim_disable_verify", "dmarc_disable_verify",
+    "dscp", "enforce_sync", "no_enforce_sync", "fakedefer", "fakereject", "freeze",
+    "no_delay_flush", "no_callout_flush", "no_mbox_unspool", "no_multiline_responses",
+    "no_pipelining", "queue", "queue_only", "submission", "suppress_local_fixups",
+    "utf8_downconvert", "wellknown",
+))
+
+
+@dataclass
+class Recipient:
+    """An accepted recipient with its DSN parameters."""
+
+    address: str
+    notify: frozenset[str] | None = None
+    orcpt: str | None = None
+
+
+@dataclass
+class Transaction:
+    """What MAIL, RCPT and the ACLs collect for one message."""
+
+    sender: str | None = None
+    sender_param: str = ""
+    recipients: list[Recipient] = field(default_factory=list)
+    size: int | None = None
+    body_type: str | None = None
+    dsn_ret: str | None = None
+    dsn_envid: str | None = None
+    prdr: bool = False
+    smtputf8: bool = False
+    auth_sender: str | None = None
+    controls: dict[str, str] = field(default_factory=dict)
+    add_headers: list[str] = field(default_factory=list)
+    remove_headers: list[str] = field(default_factory=list)
+    discarded: bool = False
+    too_many: bool = False
+    rcpt_count: int = 0
+    rcpt_fail_count: int = 0
+    rcpt_defer_count: int = 0
+    first_rcpt_reply: str | None = None
+    rcpt_replies_same: bool = True
+    warnings_logged: set[str] = field(default_factory=set)
+    ratelimit_state: dict = field(default_factory=dict)
+
+
+class SmtpAclSession(AclSession):
+    """The ACL view of an ESMTP server connection."""
+
+    def __init__(self, server: ESMTPServer) -> None:
+        super().__init__(server.ctx)
+        self.server = server
+        self.where = ""
+
+    @property
+    def host_checking(self) -> bool:  # type: ignore[override]
+        return self.server.host_checking
+
+    @property
+    def host_identity(self) -> Any:
+        return self.server.host_identity
+
+    def trace(self, text: str) -> None:
+        self.server.trace(text)
+
+    def log(self, text: str, targets: Iterable[str] = ("main",)) -> None:
+        self.server.log_write(text, tuple(targets))
+
+    def warn_context(self) -> str:
+        return self.server.host_and_ident(True)
+
+    async def condition(self, name: str, value: str) -> tuple[str, str | None, str | None]:
+        handler = getattr(self, f"_cond_{name}", None)
+        if handler is None:
+            return ERROR, None, f'ACL condition "{name}" is not supported'
+        return await handler(value)
+
+    async def _cond_verify(self, value: str) -> tuple[str, str | None, str | None]:
+        from twisted_mta.smtp.verify import verify_condition
+
+        return await verify_condition(self, value)
+
+    async def _cond_dnslists(self, value: str) -> tuple[str, str | None, str | None]:
+        from twisted_mta.acl.dnslists import check_dnslists
+
+        address = self.server.vars.get("sender_host_address", "")
+        if not address:
+            return FAIL, None, None
+        outcome = await check_dnslists(value, address, self.server.resolver,
+                                       cache=self.server.dnslist_cache)
+        if outcome.result == "defer":
+            return DEFER, None, None
+        if outcome.result != "match":
+            return FAIL, None, None
+        for name in ("domain", "matched", "text", "value"):
+            self.server.vars[f"dnslist_{name}"] = getattr(outcome, name)
+        return OK, None, None
+
+    async def _cond_ratelimit(self, value: str) -> tuple[str, str | None, str | None]:
+        from twisted_mta.acl.ratelimit import check_ratelimit
+
+        server = self.server
+        outcome = check_ratelimit(
+            value, where=self.where,
+            default_key=server.vars.get("sender_host_address", ""),
+            now=server.clock.seconds(), store=server.ratelimit_store,
+            per_conn_state=server.ratelimit_conn_state,
+            per_mail_state=server.transaction.ratelimit_state,
+            message_size=server.transaction.size)
+        server.vars["sender_rate"] = outcome.sender_rate
+        server.vars["sender_rate_limit"] = outcome.sender_rate_limit
+        server.vars["sender_rate_period"] = outcome.sender_rate_period
+        result = {"ok": OK, "fail": FAIL, "defer": DEFER}.get(outcome.result, ERROR)
+        return result, None, outcome.error or None
+
+    async def modifier(self, name: str, value: str) -> str | None:
+        server = self.server
+        txn = server.transaction
+        if name in ("control", "queue"):
+            return self._control(value if name == "control" else f"queue/{value}")
+        if name == "add_header":
+            txn.add_headers.append(value)
+            return None
+        if name == "remove_header":
+            txn.remove_headers.extend(v.strip() for v in value.split(":") if v.strip())
+            return None
+        if name == "delay":
+            seconds = parse_time(value)
+            if seconds is None or seconds < 0:
+                return f'delay modifier: "{value}" is not a time value'
+            if server.host_checking:
+                server.trace("delay skipped in -bh checking mode")
+                return None
+            await server.delay(seconds)
+            return None
+        return None
+
+    def _control(self, value: str) -> str | None:
+        name, _, arg = value.partition("/")
+        if name not in CONTROLS:
+            return f'unknown control "{value}"'
+        txn = self.server.transaction
+        if name == "no_pipelining":
+            self.server.pipelining_allowed = False
+        elif name == "enforce_sync":
+            self.server.enforce_sync = True
+        elif name == "no_enforce_sync":
+            self.server.enforce_sync = False
+        elif name == "no_multiline_responses":
+            self.server.no_multiline = True
+        elif name == "queue_only":
+            txn.controls["queue"] = arg
+        else:
+            txn.controls[name] = arg
+        return None

@@ -1,0 +1,1 @@
+"""The spool: message ids, -H and -D files, recovery."""
