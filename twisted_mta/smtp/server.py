@@ -213,7 +213,7 @@ class ESMTPServer(smtp.ESMTP):
         with_port = "incoming_port" in self.selector()
         return (sender_fullhost(name, self.helo, address, port, with_port=with_port,
                                 ident=ident),
-                received_host_text(name, self.helo, address, port, with_port=True,
+                received_host_text(name, self.helo, address, port, with_port=with_port,
                                    ident=ident))
 
     def sender_fullhost(self) -> str:
