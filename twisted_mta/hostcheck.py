@@ -73,15 +73,18 @@ class OutputTransport:
         pass
 
 
-async def host_check_session(reactor: Any, config: Any, address: str, port: int,
+async def host_check_session(reactor: Any, config: Any, address: str | None, port: int,
                              stdin: BinaryIO, stdout: BinaryIO, stderr: BinaryIO) -> None:
-    """Run one session, returning when it ends."""
+    """Run one session, returning when it ends; *address* None is ``-bs``
+    (a local caller whose message goes to the spool)."""
     from twisted.python.threadpool import ThreadPool
 
+    from twisted_mta.acl.ratelimit import RatelimitStore
     from twisted_mta.log import EximLog, SyncLogWriter
     from twisted_mta.smtp.server import ConnectionSettings, ESMTPServer
     from twisted_mta.smtp.tlsserver import SessionTLS
     from twisted_mta.spool.ids import MessageIdAllocator
+    from twisted_mta.spool.store import Spool
 
     err = io.TextIOWrapper(stderr, encoding="utf-8", errors="surrogateescape",
                            write_through=True)
@@ -89,20 +92,32 @@ async def host_check_session(reactor: Any, config: Any, address: str, port: int,
     def trace(text: str) -> None:
         err.write(text + "\n")
 
-    log = EximLog.from_config(config, reactor, os.getpid(), SyncLogWriter(),
-                              testing_stream=err, host_checking=True)
+    checking = address is not None
+    if checking:
+        log = EximLog.from_config(config, reactor, os.getpid(), SyncLogWriter(),
+                                  testing_stream=err, host_checking=True)
+    else:
+        log = EximLog.from_config(config, reactor, os.getpid(), SyncLogWriter())
+    spool_directory = config.get("spool_directory") or "."
     pool = ThreadPool(minthreads=0, maxthreads=4, name="exim-py-bh")
     pool.start()
     finished: defer.Deferred = defer.Deferred()
     settings = ConnectionSettings(
         config, reactor=reactor, clock=reactor, log=log, threadpool=pool,
         id_allocator=MessageIdAllocator(reactor.seconds, os.getpid()),
-        resolver=_resolver(config, pool, reactor), host_checking=True, trace=trace,
-        tls=SessionTLS(config))
+        resolver=_resolver(config, pool, reactor), host_checking=checking,
+        trace=trace if checking else None, tls=SessionTLS(config),
+        spool=None if checking else Spool(spool_directory),
+        ratelimit_store=RatelimitStore(os.path.join(spool_directory, "db", "ratelimit")))
     try:
-        stdout.write(BANNER.format(ip=address).encode())
-        stdout.flush()
-        server = ESMTPServer(settings, peer=(address, port), local=None)
+        if checking:
+            stdout.write(BANNER.format(ip=address).encode())
+            stdout.flush()
+        server = ESMTPServer(settings, peer=(address, port) if checking else None, local=None)
+        if not checking:
+            from twisted_mta.cli import caller_login
+
+            server.vars["sender_ident"] = caller_login()
         transport = OutputTransport(stdout, lambda: finished.called or finished.callback(None))
         server.makeConnection(transport)
         server.dataReceived(stdin.read())
@@ -131,6 +146,22 @@ def host_check(config: Any, argument: str, stdin: BinaryIO, stdout: BinaryIO,
     def main(reactor: Any) -> defer.Deferred:
         return defer.Deferred.fromCoroutine(
             host_check_session(reactor, config, address, port, stdin, stdout, stderr))
+
+    try:
+        task.react(main)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def local_session(config: Any, stdin: BinaryIO, stdout: BinaryIO, stderr: BinaryIO) -> int:
+    """``-bs``: an SMTP session with the local caller on standard input and
+    output; ``hosts = :`` matches it and accepted messages are spooled."""
+    from twisted.internet import task
+
+    def main(reactor: Any) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(
+            host_check_session(reactor, config, None, 0, stdin, stdout, stderr))
 
     try:
         task.react(main)

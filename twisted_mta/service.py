@@ -217,7 +217,8 @@ class MTAService(service.MultiService):
             id_allocator=MessageIdAllocator(reactor.seconds, os.getpid(),
                                             config.get("localhost_number")),
             resolver=Resolver(reactor, self.threadpool), threadpool=self.threadpool,
-            ratelimit_store=RatelimitStore(os.path.join(spool_directory, "db", "ratelimit")),
+            ratelimit_store=RatelimitStore(os.path.join(spool_directory, "db", "ratelimit"),
+                                           run_io=self.threadpool.callInThread),
             tls=_server_tls(config))
 
     def startService(self) -> None:

@@ -55,7 +55,7 @@ async def run_auth_command(server: ESMTPServer, argument: str) -> None:
                                         defer_user_msg=server.auth_defer_text)
     server.auth_defer_text = outcome.defer_user_msg
     code, text = outcome.reply
-    server.send(f"{code} {text}\r\n".encode("utf-8", "surrogateescape"))
+    server.send(f"{code} {text}\r\n".encode("latin-1", "replace"))
     for name, value in outcome.variable_updates().items():
         if value is None:
             server.vars.pop(name, None)

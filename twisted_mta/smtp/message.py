@@ -54,7 +54,7 @@ class IncomingMessage:
             self.headers.append(header)
         else:
             self.headers.insert(index, header)
-        self.added_size += len(header.text.encode("utf-8", "surrogateescape"))
+        self.added_size += len(header.text)  # one character per byte
 
     def size(self) -> int:
         """The ``S=`` size: the data as read (LF line endings, the blank
@@ -181,5 +181,5 @@ def _is_header_line(line: bytes) -> bool:
 
 
 def _header(lines: list[bytes]) -> Header:
-    text = b"\n".join(lines).decode("utf-8", "surrogateescape") + "\n"
+    text = b"\n".join(lines).decode("latin-1") + "\n"
     return Header(text, header_flag(text))

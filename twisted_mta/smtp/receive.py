@@ -66,7 +66,7 @@ async def receive_message(server: ESMTPServer, message: IncomingMessage, *,
     if prdr_lines is not None:
         server.send(b"353 PRDR content analysis beginning\r\n")
         for code, text in prdr_lines:
-            server.send(f"{code} {text}\r\n".encode("utf-8", "surrogateescape"))
+            server.send(f"{code} {text}\r\n".encode("latin-1", "replace"))
     if outcome is not None and outcome.verdict not in ("accept", "discard"):
         server.acl_failed("data", outcome, "")
         server.finish_transaction()
@@ -79,11 +79,14 @@ async def receive_message(server: ESMTPServer, message: IncomingMessage, *,
                          f"discarded by DATA ACL{': ' + log_msg if log_msg else ''}"
                          .replace("rejected after DATA: ", ""), ("main",),
                          message_id=message_id)
-        _final_reply(server, outcome, message_id)
+        _final_reply(server, outcome, message_id, chunked)
         server.finish_transaction()
         return
     txn.recipients = kept
     variables["message_size"] = str(message.size())
+    for note in server.pending_prdr_logs:
+        server.log_write(note, ("main",), message_id=message_id)
+    server.pending_prdr_logs = []
     if kept:
         if not server.host_checking:
             await server.store_message(message_id, received_time, message)
@@ -92,11 +95,11 @@ async def receive_message(server: ESMTPServer, message: IncomingMessage, *,
     if prdr_lines is not None:
         _prdr_final_reply(server, prdr_lines, message_id)
     else:
-        _final_reply(server, outcome, message_id)
+        _final_reply(server, outcome, message_id, chunked)
+        server.after_message_reply()
     if kept and not server.host_checking and server.settings.on_message is not None:
         server.settings.on_message(message_id)
-    server.after_message_reply()
-    server.finish_transaction()
+    server.finish_transaction(accepted=bool(kept))
 
 
 async def _received_header(server: ESMTPServer, received_time: float) -> str | None:
@@ -160,7 +163,7 @@ def _header_lines(text: str) -> list[str]:
         if raw[:1] in (" ", "\t") and lines:
             lines[-1] += raw + "\n"
             continue
-        if not _is_header_line(raw.encode("utf-8", "surrogateescape")):
+        if not _is_header_line(raw.encode("latin-1", "replace")):
             raw = "X-ACL-Warn: " + raw
         lines.append(raw + "\n")
     return lines
@@ -176,7 +179,7 @@ def _message_variables(server: ESMTPServer, message: IncomingMessage) -> None:
     variables["body_zerocount"] = str(message.body_zerocount)
     variables["max_received_linelength"] = str(message.max_linelength)
     visible = int(server.config.get("message_body_visible", 500) or 500)
-    body = message.body.decode("utf-8", "surrogateescape")
+    body = message.body.decode("latin-1")
     variables["message_body"] = body[:visible].replace("\n", " ")
     variables["message_body_end"] = body[-visible:].replace("\n", " ")
     variables["__headers__"] = message.decoded_header_values()
@@ -230,9 +233,6 @@ def _prdr_final_reply(server: ESMTPServer, lines: list[tuple[str, str]],
     for verdict in server.prdr_results:
         all_fail &= values[verdict]
         all_pass |= values[verdict]
-    for note in server.pending_prdr_logs:
-        server.log_write(note, ("main",), message_id=message_id)
-    server.pending_prdr_logs = []
     if all_fail == 2:
         code, text = "550", "rejected for all recipients"
     elif all_pass == 0:
@@ -242,7 +242,12 @@ def _prdr_final_reply(server: ESMTPServer, lines: list[tuple[str, str]],
     server.reply(code, f"id={message_id} message {text}")
 
 
-def _final_reply(server: ESMTPServer, outcome: Any, message_id: str) -> None:
+def _final_reply(server: ESMTPServer, outcome: Any, message_id: str,
+                 chunked: bool = False) -> None:
+    if chunked:
+        # The last BDAT's own acknowledgement comes first, as in Exim.
+        server.send(f"250- {server.last_chunk_size} byte chunk, total "
+                    f"{server.chunked_total}\r\n".encode())
     if outcome is not None and outcome.user_message:
         server.user_reply("250", outcome.user_message)
     else:

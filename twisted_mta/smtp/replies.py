@@ -40,7 +40,7 @@ def format_reply(code: str, message: str) -> bytes:
             line = line.lstrip(" \t")
         sep = " " if i == len(lines) - 1 else "-"
         out.append(f"{basic}{sep}{prefix_rest}{line}\r\n")
-    return "".join(out).encode("utf-8", "surrogateescape")
+    return "".join(out).encode("latin-1", "replace")
 
 
 def user_reply(default_code: str, message: str, check: bool = True) -> bytes:

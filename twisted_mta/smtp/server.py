@@ -118,6 +118,7 @@ class ESMTPServer(smtp.ESMTP):
         self.resolver = settings.resolver
         self.ratelimit_store = settings.ratelimit_store
         self.ratelimit_conn_state: dict = {}
+        self.ratelimit_cmd_state: dict = {}
         self.dnslist_cache: dict = {}
         self.tls_on_connect = tls_on_connect
         self.ctx = ExpansionContext(config=self.config, reactor=settings.reactor,
@@ -158,6 +159,8 @@ class ESMTPServer(smtp.ESMTP):
         self._quit_requested = False
         self._auth_wait: defer.Deferred | None = None
         self._last_chunk_size = 0
+        self._chunked_total = 0
+        self.last_message_id: str | None = None
         self.authenticators: list[Any] = []
         self.auth_mechanisms: list[str] = []
         self.auth_defer_text = ""
@@ -249,7 +252,9 @@ class ESMTPServer(smtp.ESMTP):
                   message_id: str | None = None) -> None:
         log = self.settings.log
         if log is not None:
-            log.write(text, targets, message_id)
+            # Exim keeps the last message's id for the rest of the session,
+            # and every log line shows it.
+            log.write(text, targets, message_id or self.last_message_id)
 
     def send(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
@@ -292,14 +297,26 @@ class ESMTPServer(smtp.ESMTP):
         return None if self.host_checking or not value else int(value)
 
     def timeoutConnection(self) -> None:
-        if self._mode == "data":
-            self.log_write(f"SMTP data timeout (message abandoned) on connection from "
-                           f"{self.host_and_ident(False)} F=<{self.transaction.sender or ''}>")
+        self._run(self._timed_out())
+
+    async def _timed_out(self) -> None:
+        tls = " TLS" if self.vars.get("tls_in_cipher") else ""
+        hostname = self.active_hostname()
+        if self._mode in ("data", "bdat"):
+            if "lost_incoming_connection" in self.selector():
+                self.log_write(f"SMTP data timeout (message abandoned) on connection from "
+                               f"{self.sender_fullhost() or 'local process'} "
+                               f"F=<{self.transaction.sender or ''}>")
+            reason, text = "data-timeout", f"{hostname} SMTP incoming data timeout - " \
+                                           f"closing connection."
         else:
-            self.log_write(f"SMTP command timeout on connection from "
-                           f"{self.host_and_ident(False)}")
-        self.reply("421", f"{self.active_hostname()} SMTP incoming data timeout - "
-                          f"closing connection")
+            if "lost_incoming_connection" in self.selector():
+                self.log_write(f"SMTP command timeout on{tls} connection from "
+                               f"{self.host_and_ident(False)}")
+            reason, text = "command-timeout", f"{hostname}: SMTP command timeout - " \
+                                              f"closing connection"
+        await self._notquit(reason)
+        self.reply("421", text)
         self.close_connection()
 
     def active_hostname(self) -> str:
@@ -474,7 +491,7 @@ class ESMTPServer(smtp.ESMTP):
         if self._mode in ("data", "bdat"):
             self.log_write(f"SMTP connection from {self.host_and_ident(False)} lost while "
                            f"reading message data")
-        else:
+        elif not self.host_checking:
             self.log_write(f"unexpected disconnection while reading SMTP command from "
                            f"{self.host_and_ident(False)} D=0s")
         await self._notquit("connection-lost")
@@ -521,7 +538,7 @@ class ESMTPServer(smtp.ESMTP):
                 and not self.host_checking)
 
     async def _command(self, raw: bytes, overlong: bool = False) -> None:
-        text = raw.decode("utf-8", "surrogateescape").rstrip(" \t\r\n\v\f")
+        text = raw.decode("latin-1").rstrip(" \t\r\n\v\f")
         self.vars["smtp_command"] = text
         if "\0" in text:
             self._synprot_log("syntax", text, "NUL character(s) present (shown as '?')")
@@ -603,7 +620,7 @@ class ESMTPServer(smtp.ESMTP):
                 f"{self._connection_had()})", ("main", "reject"))
         prefix = f"{data}: " if data is not None else ""
         self.send(f"{code}{'-' if dropped else ' '}{prefix}{message}\r\n".encode(
-            "utf-8", "surrogateescape"))
+            "latin-1", "replace"))
         if dropped:
             self.send(f"{code} Too many syntax or protocol errors\r\n".encode())
             self.close_connection()
@@ -628,6 +645,7 @@ class ESMTPServer(smtp.ESMTP):
     async def acl(self, where: str) -> Any:
         option, default, _, _ = _ACL_WHERE[where]
         self.acl_session.where = where
+        self.ratelimit_cmd_state.clear()
         text = self.config.get(option)
         if where == "prdr" and text is None:
             text = "accept"
@@ -745,7 +763,7 @@ class ESMTPServer(smtp.ESMTP):
         for name in [n for n in self.vars if n.startswith("acl_m")]:
             del self.vars[name]
         for name in ("sender_address", "sender_address_domain", "sender_address_local_part",
-                     "local_part", "domain", "message_exim_id",
+                     "local_part", "domain",
                      "recipients", "recipients_count", "prdr_requested"):
             self.vars.pop(name, None)
 
@@ -795,7 +813,7 @@ class ESMTPServer(smtp.ESMTP):
             lines.extend(await self._ehlo_keywords())
         for i, line in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"
-            self.send(f"250{sep}{line}\r\n".encode("utf-8", "surrogateescape"))
+            self.send(f"250{sep}{line}\r\n".encode("latin-1", "replace"))
 
     async def _maybe_lookup_host_for_helo(self) -> None:
         lookup_domains = self.config.get("helo_lookup_domains")
@@ -963,7 +981,7 @@ class ESMTPServer(smtp.ESMTP):
         message = outcome.user_message if outcome is not None else None
         if params.prdr:
             self.send(f"250 {split_user_code('250', message)[1] if message else 'OK'}, "
-                      f"PRDR Requested\r\n".encode("utf-8", "surrogateescape"))
+                      f"PRDR Requested\r\n".encode("latin-1", "replace"))
         elif message:
             self.user_reply("250", message)
         else:
@@ -1077,7 +1095,7 @@ class ESMTPServer(smtp.ESMTP):
                 _, first, _ = split_user_code("550", txn.first_rcpt_reply, False)
                 self.send(b"503-All RCPT commands were rejected with this error:\r\n")
                 for line in first.split("\n"):
-                    self.send(f"503-{line}\r\n".encode("utf-8", "surrogateescape"))
+                    self.send(f"503-{line}\r\n".encode("latin-1", "replace"))
             previous = self._history[-2] if len(self._history) > 1 else ""
             if self.pipelining_advertised() and self._last_was_rcpt:
                 self.reply("503", f"Valid RCPT command must precede {verb}")
@@ -1114,6 +1132,7 @@ class ESMTPServer(smtp.ESMTP):
 
     def _start_message(self, dot_ends: bool) -> None:
         self._reader = DataReader(self.message_size_limit(), dot_ends=dot_ends)
+        self._chunked_total = 0
         self.all_recipients = list(self.transaction.recipients)
         self._data_started = self.clock.seconds()
 
@@ -1121,10 +1140,24 @@ class ESMTPServer(smtp.ESMTP):
         return max(0.0, self.clock.seconds() - self._data_started)
 
     def allocate_message_id(self) -> tuple[str, float]:
-        return self.settings.id_allocator.allocate()
+        message_id, received = self.settings.id_allocator.allocate()
+        self.last_message_id = message_id
+        return message_id, received
 
-    def finish_transaction(self) -> None:
-        """After the reply to the data: the next message starts afresh."""
+    @property
+    def last_chunk_size(self) -> int:
+        return self._last_chunk_size
+
+    @property
+    def chunked_total(self) -> int:
+        return self._chunked_total
+
+    def finish_transaction(self, accepted: bool = False) -> None:
+        """After the reply to the data: the next message starts afresh.
+        Exim's log lines go on showing an accepted message's id until the
+        next message; a refused one's id is forgotten at once."""
+        if not accepted:
+            self.last_message_id = None
         self._reset_transaction()
 
     def after_message_reply(self) -> None:
@@ -1163,6 +1196,7 @@ class ESMTPServer(smtp.ESMTP):
             self._set_recipients_variable()
             self._start_message(dot_ends=False)
         self._bdat_remaining = self._last_chunk_size = int(size)
+        self._chunked_total += int(size)
         self._bdat_last = last
         self.chunking_used = True
         self._mode = "bdat"

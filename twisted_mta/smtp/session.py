@@ -103,33 +103,41 @@ class SmtpAclSession(AclSession):
     async def _cond_dnslists(self, value: str) -> tuple[str, str | None, str | None]:
         from twisted_mta.acl.dnslists import check_dnslists
 
-        address = self.server.vars.get("sender_host_address", "")
-        if not address:
-            return FAIL, None, None
-        outcome = await check_dnslists(value, address, self.server.resolver,
-                                       cache=self.server.dnslist_cache)
+        server = self.server
+        outcome = await check_dnslists(value, server.vars.get("sender_host_address", ""),
+                                       server.resolver, cache=server.dnslist_cache,
+                                       where=self.where, clock=server.clock.seconds)
+        for line in outcome.log:
+            if not line.selector or line.selector in server.selector():
+                server.log_write(line.text, tuple(line.targets))
+        for name in ("domain", "matched", "text", "value"):
+            found = getattr(outcome, name)
+            if found is not None:
+                server.vars[f"dnslist_{name}"] = found
+        if outcome.result == "error":
+            return ERROR, None, outcome.error
         if outcome.result == "defer":
             return DEFER, None, None
-        if outcome.result != "match":
-            return FAIL, None, None
-        for name in ("domain", "matched", "text", "value"):
-            self.server.vars[f"dnslist_{name}"] = getattr(outcome, name)
-        return OK, None, None
+        return (OK if outcome.result == "match" else FAIL), None, None
 
     async def _cond_ratelimit(self, value: str) -> tuple[str, str | None, str | None]:
         from twisted_mta.acl.ratelimit import check_ratelimit
 
         server = self.server
+        txn = server.transaction
         outcome = check_ratelimit(
             value, where=self.where,
             default_key=server.vars.get("sender_host_address", ""),
             now=server.clock.seconds(), store=server.ratelimit_store,
             per_conn_state=server.ratelimit_conn_state,
-            per_mail_state=server.transaction.ratelimit_state,
-            message_size=server.transaction.size)
-        server.vars["sender_rate"] = outcome.sender_rate
-        server.vars["sender_rate_limit"] = outcome.sender_rate_limit
-        server.vars["sender_rate_period"] = outcome.sender_rate_period
+            per_mail_state=txn.ratelimit_state, per_cmd_state=server.ratelimit_cmd_state,
+            message_size=txn.size, recipients_count=len(txn.recipients),
+            recipient=(f"{server.vars.get('local_part', '')}@{server.vars.get('domain', '')}"
+                       if self.where == "rcpt" else None))
+        for name in ("sender_rate", "sender_rate_limit", "sender_rate_period"):
+            found = getattr(outcome, name)
+            if found is not None:
+                server.vars[name] = found
         result = {"ok": OK, "fail": FAIL, "defer": DEFER}.get(outcome.result, ERROR)
         return result, None, outcome.error or None
 

@@ -6,6 +6,7 @@ import os
 import pwd
 from typing import TYPE_CHECKING
 
+from twisted_mta.spool.ids import split_time
 from twisted_mta.spool.message import (
     DSN_RET_FULL,
     DSN_RET_HDRS,
@@ -41,7 +42,6 @@ def spool_message(server: ESMTPServer, message_id: str, received_time: float,
     txn = server.transaction
     variables = server.vars
     login, uid, gid = _login()
-    seconds = int(received_time)
     now = server.clock.seconds()
     recipients = []
     for r in txn.recipients:
@@ -55,8 +55,8 @@ def spool_message(server: ESMTPServer, message_id: str, received_time: float,
         id=message_id,
         sender=Tainted(txn.sender or ""),
         originator_login=login, originator_uid=uid, originator_gid=gid,
-        received=(seconds, int((received_time - seconds) * 1_000_000)),
-        received_complete=(int(now), int((now - int(now)) * 1_000_000)),
+        received=split_time(received_time),
+        received_complete=split_time(now),
         helo_name=Tainted(server.helo) if server.helo else None,
         host_address=server.sender_host_address or None,
         host_port=int(variables.get("sender_host_port") or 0),

@@ -49,6 +49,8 @@ __all__ = [
 
 # Exim refuses a -H file claiming more recipients than this.
 MAX_RECIPIENTS = 16384
+# The C library's isdigit() in the C locale: ASCII digits only.
+_DIGITS = frozenset("0123456789")
 _ESCAPES = {"\n": "n", "\r": "r", "\b": "b", "\v": "v", "\f": "f", "\t": "t"}
 
 
@@ -318,16 +320,23 @@ def _parse_login(line: str, r: _Reader) -> tuple[str, int, int]:
     s = line.rstrip(" \t\n\r\v\f")
     numbers = []
     for _ in range(2):
-        if not s or not s[-1].isdigit():
+        if not s or s[-1] not in _DIGITS:
             raise r.error("bad login/uid/gid line")
         i = len(s)
-        while i > 0 and (s[i - 1].isdigit() or s[i - 1] == "-"):
+        while i > 0 and (s[i - 1] in _DIGITS or s[i - 1] == "-"):
             i -= 1
         if i == 0 or s[i - 1] != " ":
             raise r.error("bad login/uid/gid line")
         numbers.append(_atoi(s[i:]))
         s = s[:i - 1]
     return s, numbers[1], numbers[0]
+
+
+def _is_number(text: str, signed: bool = True) -> bool:
+    """True for ASCII digits, with a leading minus sign when *signed*."""
+    if signed and text.startswith("-"):
+        text = text[1:]
+    return bool(text) and all(c in _DIGITS for c in text)
 
 
 def _atoi(text: str) -> int:
@@ -339,7 +348,7 @@ def _atoi(text: str) -> int:
         text = text[1:]
     digits = ""
     for c in text:
-        if not c.isdigit():
+        if c not in _DIGITS:
             break
         digits += c
     return sign * int(digits) if digits else 0
@@ -370,7 +379,7 @@ def _parse_old_acl(r: _Reader, var: str, tainted: bool, quoter: str | None,
                    msg: SpoolMessage) -> None:
     # "-acl N len": numbered variables from before named ones existed.
     fields = var[4:].split()
-    if len(fields) < 2 or not all(f.isdigit() for f in fields[:2]):
+    if len(fields) < 2 or not all(_is_number(f, False) for f in fields[:2]):
         raise r.error("bad old-style ACL variable line")
     index, count = int(fields[0]), int(fields[1])
     if index >= 20 or count > 16384:
@@ -441,7 +450,7 @@ def _parse_variable(r: _Reader, line: str, msg: SpoolMessage) -> None:
         sec, _, usec = value.partition(".")
         msg.received_complete = (_atoi(sec), _atoi(usec))
     elif name == "frozen":
-        if not value.strip().lstrip("-").isdigit():
+        if not _is_number(value.strip()):
             raise r.error("bad -frozen line")
         msg.frozen_at = int(value)
     elif name == "debug_selector":
@@ -472,7 +481,7 @@ def _parse_tree(r: _Reader, line: str) -> TreeNode:
 def _scan_back(s: str, p: int) -> int:
     # Exim's "while (isdigit(*(--p)) || *p == ',' || *p == '-');"
     p -= 1
-    while p >= 0 and (s[p].isdigit() or s[p] in ",-"):
+    while p >= 0 and (s[p] in _DIGITS or s[p] in ",-"):
         p -= 1
     return p
 
@@ -491,14 +500,14 @@ def _parse_recipient(line: str) -> Recipient:
     """
     s = line
     p = len(s) - 1
-    while p >= 0 and s[p].isdigit():
+    while p >= 0 and s[p] in _DIGITS:
         p -= 1
     pno, dsn_flags = -1, 0
     orcpt = errors_to = None
     end = len(s)  # where the address ends
     if p >= 0 and s[p] == ",":
         p -= 1
-        while p >= 0 and (s[p].isdigit() or s[p] == ","):
+        while p >= 0 and (s[p] in _DIGITS or s[p] == ","):
             p -= 1
         if p >= 0 and s[p] == " ":
             pno = _two_ints(s[p + 1:])[1]
@@ -535,7 +544,7 @@ def _parse_headers(r: _Reader) -> list[SpoolHeader]:
     text = r.text
     while r.pos < len(text):
         start = r.pos
-        while r.pos < len(text) and text[r.pos].isdigit():
+        while r.pos < len(text) and text[r.pos] in _DIGITS:
             r.pos += 1
         if r.pos == start:
             raise r.error("header line does not start with a length")
@@ -571,7 +580,7 @@ def parse_header_file(data: bytes, expected_id: str | None = None) -> SpoolMessa
     if n < 3 or sender_line[0] != "<" or sender_line[n - 2] != ">":
         raise r.error("bad sender line")
     time_fields = r.line("time line").split()
-    if len(time_fields) < 2 or not all(f.lstrip("-").isdigit() for f in time_fields[:2]):
+    if len(time_fields) < 2 or not all(_is_number(f) for f in time_fields[:2]):
         raise r.error("bad time line")
     received = (int(time_fields[0]), 0)
     msg = SpoolMessage(id=message_id, sender=Tainted(sender_line[1:n - 2]),
@@ -588,7 +597,7 @@ def parse_header_file(data: bytes, expected_id: str | None = None) -> SpoolMessa
         msg.non_recipients = _parse_tree(r, line)
         fix_balances(msg.non_recipients)
     count_fields = r.line("recipient count").split()
-    if not count_fields or not count_fields[0].lstrip("-").isdigit():
+    if not count_fields or not _is_number(count_fields[0]):
         raise r.error("bad recipient count")
     count = int(count_fields[0])
     if count > MAX_RECIPIENTS:
