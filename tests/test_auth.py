@@ -658,8 +658,6 @@ def test_at_most_twenty_items() -> None:
     assert outcome.auth_vars == ["1", "2", "3", "4"]
 
 
-@pytest.mark.xfail(strict=True, reason="twisted_mta.expand.variables knows only $auth1..$auth3; "
-                                       "Exim has $auth4 (AUTH_VARS is 4)")
 def test_auth4() -> None:
     outcome, _, _ = authenticate(plain("yes", set_id="$auth4"), b64("a\0b\0c\0d"))
     assert outcome.authenticated_id == "d"

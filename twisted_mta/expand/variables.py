@@ -75,6 +75,7 @@ version_number warn_message_delay warn_message_recipient warn_message_recipients
 warnmsg_delay warnmsg_recipient warnmsg_recipients
 proxy_host_address proxy_host_port proxy_target_address proxy_target_port
 proxy_tlv_authority proxy_tlv_unique_id proxy_tlv_ssl_version proxy_tlv_ssl_cn
+proxy_tlv_ssl_cipher proxy_tlv_ssl_sig_alg proxy_tlv_ssl_key_alg proxy_tlv_ssl_verified
 tpda_event_name tpda_event_data tpda_event_defer_errno tpda_delivery_ip
 tpda_delivery_port tpda_delivery_fqdn tpda_delivery_local_part tpda_delivery_domain
 tpda_delivery_confirmation
@@ -348,7 +349,7 @@ def variable_getter(name: str) -> Getter | None:
         return _empty
     if name.startswith("r_"):
         return _empty
-    if name.startswith("auth") and name[4:].isdigit() and 1 <= int(name[4:]) <= 3:
+    if name.startswith("auth") and name[4:].isdigit() and 1 <= int(name[4:]) <= 4:
         return _empty
     if name.startswith("regex") and name[5:].isdigit() and 1 <= int(name[5:]) <= 9:
         return _empty

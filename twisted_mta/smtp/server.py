@@ -393,6 +393,24 @@ class ESMTPServer(smtp.ESMTP):
             self.trace(f"PROXY negotiation failed: {result.error}")
             return
         self._apply_proxy(result)
+        if result.source_address is not None:
+            await self._lookup_proxied_host()
+
+    async def _lookup_proxied_host(self) -> None:
+        """Exim always looks up the proxied client's name, whatever
+        host_lookup says."""
+        identity = self.host_identity
+        if identity is None:
+            return
+        try:
+            names = await identity.names(self.ctx)
+        except Exception:
+            names = ()
+        if names:
+            self.vars["sender_host_name"] = names[0]
+        else:
+            self.log_write(f"no host name found for IP address {self.sender_host_address}")
+        self._update_host_variables()
 
     def _drain_proxy(self) -> None:
         reader, waiting = self._proxy_reader
@@ -413,12 +431,13 @@ class ESMTPServer(smtp.ESMTP):
             result.dest_address or ""
         self.vars["proxy_external_port"] = self.vars["proxy_target_port"] = \
             str(result.dest_port or "")
-        for name, value in (("proxy_authority", result.authority),
-                            ("proxy_unique_id", result.unique_id)):
+        # Beyond Exim: the v2 TLVs a proxy such as haproxy sends.
+        for name, value in (("proxy_tlv_authority", result.authority),
+                            ("proxy_tlv_unique_id", result.unique_id)):
             if value is not None:
                 self.vars[name] = value
         for key, value in (result.ssl or {}).items():
-            self.vars[f"proxy_ssl_{key}"] = value
+            self.vars[f"proxy_tlv_ssl_{key}"] = value
         self._set_host((result.source_address, result.source_port or 0))
         self.vars.pop("sender_host_name", None)
         self._update_host_variables()
