@@ -92,6 +92,11 @@ async def receive_message(server: ESMTPServer, message: IncomingMessage, *,
             await server.store_message(message_id, received_time, message)
         server.log_write(reception_log_line(server, message, prdr_lines is not None),
                          ("main",), message_id=message_id)
+        if "freeze" in txn.controls:
+            server.log_write("frozen by ACL", ("main",), message_id=message_id)
+        elif "queue" in txn.controls and "delay_delivery" in server.selector():
+            server.log_write("no immediate delivery: queued by ACL", ("main",),
+                             message_id=message_id)
     if prdr_lines is not None:
         _prdr_final_reply(server, prdr_lines, message_id)
     else:

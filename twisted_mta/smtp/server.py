@@ -487,11 +487,15 @@ class ESMTPServer(smtp.ESMTP):
             if self._mode != "command":
                 return
             nl = self._buffer.find(b"\n")
-            if nl < 0:
-                if len(self._buffer) > MAX_COMMAND_LINE:
-                    self._buffer = b""
-                    self._run(self._command(b"\x01" * 0, overlong=True))
+            if nl < 0 and len(self._buffer) <= MAX_COMMAND_LINE:
                 return
+            if nl < 0 or nl > MAX_COMMAND_LINE:
+                # Exim reads at most this much as one command; the rest of
+                # the line becomes the next one.
+                line, self._buffer = self._buffer[:MAX_COMMAND_LINE], \
+                    self._buffer[MAX_COMMAND_LINE:]
+                self._run(self._command(line, overlong=True))
+                continue
             line, self._buffer = self._buffer[:nl], self._buffer[nl + 1:]
             self._run(self._command(line))
         if not self._busy and getattr(self, "_paused", False) and self.transport is not None:
@@ -1115,13 +1119,11 @@ class ESMTPServer(smtp.ESMTP):
                 self.send(b"503-All RCPT commands were rejected with this error:\r\n")
                 for line in first.split("\n"):
                     self.send(f"503-{line}\r\n".encode("latin-1", "replace"))
-            previous = self._history[-2] if len(self._history) > 1 else ""
             if self.pipelining_advertised() and self._last_was_rcpt:
                 self.reply("503", f"Valid RCPT command must precede {verb}")
             else:
                 await self.synprot("protocol", "503", None,
                                     f"valid RCPT command must precede {verb}")
-            del previous
             return False
         if txn.too_many and self.config.get("recipients_max_reject"):
             txn.sender = None
