@@ -240,7 +240,10 @@ class MTAService(service.MultiService):
             try:
                 listener = self.reactor.listenTCP(port, factory, interface=address)
             except Exception as e:
-                if address in ("::0", "::") and any(a == "0.0.0.0" for a, _ in listening):
+                # A dual-stack wildcard socket already covers the other one.
+                wildcards = {"::0", "::", "0.0.0.0"}
+                if address in wildcards and any(a in wildcards and p == port
+                                                for a, p in listening):
                     continue
                 self.settings.log.write(f"socket bind() to port {port} for address "
                                         f"{address} failed: {e}: daemon abandoned",

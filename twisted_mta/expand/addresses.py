@@ -109,9 +109,7 @@ class _Parser:
         while True:
             start = len(out)
             if self.ch() != "-":
-                while _alnum(self.ch()) or self.ch() == "-":
-                    out.append(self.ch())
-                    self.i += 1
+                self.read_subdomain(out)
             self.skip_comment()
             if len(out) == start:
                 raise AddressError("domain missing or malformed")
@@ -120,6 +118,12 @@ class _Parser:
             out.append(".")
             self.i += 1
             self.skip_comment()
+
+    def read_subdomain(self, out: list[str]) -> None:
+        """Letters, digits and hyphens (a subclass may allow more)."""
+        while _alnum(self.ch()) or self.ch() == "-":
+            out.append(self.ch())
+            self.i += 1
 
     def read_domain_literal(self, msg_id_literals: bool) -> str:
         """A bracketed literal.  With *msg_id_literals* (the plain

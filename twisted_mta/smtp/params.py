@@ -410,28 +410,12 @@ class _EnvelopeParser(_Parser):
             return "", 0
         return super().read_addr_spec(term)
 
-    def read_domain(self, msg_id_literals: bool = False) -> str:
+    def read_subdomain(self, out: list[str]) -> None:
+        """Letters, digits, hyphens and, with UTF-8 domains allowed, whole
+        UTF-8 sequences."""
         if not self.utf8_domains:
-            return super().read_domain(msg_id_literals)
-        self.skip_comment()
-        if self.ch() == "[":
-            return self.read_domain_literal(msg_id_literals)
-        out: list[str] = []
-        while True:
-            start = len(out)
-            if self.ch() != "-":
-                self.read_utf8_subdomain(out)
-            self.skip_comment()
-            if len(out) == start:
-                raise AddressError("domain missing or malformed")
-            if self.ch() != ".":
-                return "".join(out)
-            out.append(".")
-            self.i += 1
-            self.skip_comment()
-
-    def read_utf8_subdomain(self, out: list[str]) -> None:
-        """Letters, digits, hyphens and whole UTF-8 sequences."""
+            super().read_subdomain(out)
+            return
         while True:
             c = self.ch()
             if (c.isascii() and c.isalnum()) or c == "-":
