@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet import defer, threads
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.mail import smtp
 from twisted.python import log as twisted_log
 from zope.interface import implementer
@@ -102,7 +102,7 @@ class ConnectionSettings:
         self.on_message = on_message
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IHalfCloseableProtocol)
 class ESMTPServer(smtp.ESMTP):
     """One inbound SMTP connection."""
 
@@ -503,6 +503,14 @@ class ESMTPServer(smtp.ESMTP):
             self.transport.resumeProducing()
         if self._eof and not self._busy and not self.closed:
             self._run(self._input_lost())
+
+    def readConnectionLost(self) -> None:
+        """The client shut down its sending side (Exim does after a
+        pipelined QUIT): answer what it sent, then close."""
+        self.input_ended()
+
+    def writeConnectionLost(self) -> None:
+        self.close_connection()
 
     def input_ended(self) -> None:
         """The input stream ended (``-bh``, ``-bs``)."""
