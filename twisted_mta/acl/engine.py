@@ -115,8 +115,7 @@ def resolve_acl(session: AclSession, text: str) -> Acl:
             except OSError as e:
                 raise AclConfigError(f"failed to open ACL file \"{text}\": {e.strerror}") from None
             return parse_acl_text(body, text, macros, filename=text)
-        if not any(c in text for c in " \t\n"):
-            raise AclConfigError(f'ACL "{text}" not found')
+        # Anything else is ACL text, even one word such as "accept".
         return parse_acl_text(text.replace("\\n", "\n"), text, macros)
     except ConfigError as e:
         raise AclConfigError(str(e)) from None

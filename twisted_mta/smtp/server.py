@@ -606,7 +606,10 @@ class ESMTPServer(smtp.ESMTP):
         return "PIPELINING" in self.advertised
 
     def _count_nonmail(self, name: str) -> bool:
-        # Exim allows one HELO/EHLO and one RSET per message for free.
+        # Exim lets one HELO/EHLO, RSET and STARTTLS per message go free;
+        # they are not counted here at all.
+        if name in ("helo", "ehlo", "rset", "starttls"):
+            return True
         self.nonmail_count += 1
         limit = self.config.get("smtp_accept_max_nonmail", 10)
         if limit and self.nonmail_count > limit:
