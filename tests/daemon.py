@@ -32,12 +32,12 @@ import subprocess
 import sys
 import tempfile
 
-from tests.peers import Peer, free_port, wait_until
+from tests.peers import Peer, free_port, require_program, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 MODES = ("twistd", "bd")
-#: Exim's message ids: 6-6-2 base-62 characters (4.96 format) or the older 6-6-2.
+#: Exim's message ids: 6-6-2 base-62 characters (4.96) or 6-11-4 (4.97 and later).
 _MESSAGE_ID = re.compile(r"^[0-9A-Za-z]{6}-[0-9A-Za-z]{6,11}-[0-9A-Za-z]{2,4}$")
 
 
@@ -132,8 +132,6 @@ class EximPyDaemon(Peer):
     # -- start and stop --------------------------------------------------
 
     def start(self) -> EximPyDaemon:
-        from tests.peers import require_program
-
         require_program(self.program)
         env = dict(os.environ)
         env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"]

@@ -206,7 +206,7 @@ class MTAService(service.MultiService):
         config = self.config
         reactor = self.reactor
         spool_directory = config.get("spool_directory") or "./exim-py-spool"
-        self.threadpool = ThreadPool(minthreads=1, maxthreads=16, name="exim-py")
+        self.threadpool = ThreadPool(minthreads=1, maxthreads=64, name="exim-py")
         self.threadpool.start()
         log = EximLog.from_config(config, reactor, os.getpid(),
                                   ThreadLogWriter(reactor.callFromThread))

@@ -114,6 +114,8 @@ class ESMTPServer(smtp.ESMTP):
         self.settings = settings
         self.config = settings.config
         self.clock = settings.clock
+        # TimeoutMixin schedules through self.callLater: use the injected clock.
+        self.callLater = settings.clock.callLater
         self.host_checking = settings.host_checking
         self.resolver = settings.resolver
         self.ratelimit_store = settings.ratelimit_store
@@ -961,6 +963,11 @@ class ESMTPServer(smtp.ESMTP):
         if not argument:
             await self.synprot("protocol", "501", None, "MAIL must have an address operand")
             return
+        if self.mail_count > await self._max_per_connection():
+            self.reply("421", "too many messages in this connection")
+            self.log_write(f"rejected MAIL command {self.host_and_ident(True)}: too many "
+                           f"messages in one connection", ("main", "reject"))
+            return
         self._reset_transaction()
         txn = self.transaction
         try:
@@ -1020,6 +1027,15 @@ class ESMTPServer(smtp.ESMTP):
             self.user_reply("250", message)
         else:
             self.reply("250", "OK")
+
+    async def _max_per_connection(self) -> float:
+        """smtp_accept_max_per_connection (0: no limit)."""
+        text = self.config.get("smtp_accept_max_per_connection", "1000")
+        try:
+            limit = int(await self.ctx.expand(str(text)))
+        except (ExpansionError, ValueError):
+            return 1000
+        return limit if limit > 0 else float("inf")
 
     # -- RCPT ---------------------------------------------------------------------
 

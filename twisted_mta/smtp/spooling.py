@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 from typing import TYPE_CHECKING
@@ -28,7 +29,9 @@ _NOTIFY_BITS = {"NEVER": NOTIFY_NEVER, "SUCCESS": NOTIFY_SUCCESS,
                 "FAILURE": NOTIFY_FAILURE, "DELAY": NOTIFY_DELAY}
 
 
+@functools.cache
 def _login() -> tuple[str, int, int]:
+    # A passwd lookup per message would cost more than parsing it.
     uid, gid = os.getuid(), os.getgid()
     try:
         return pwd.getpwuid(uid).pw_name, uid, gid
