@@ -107,7 +107,7 @@ class ReceptionTests(DaemonCase):
             for s in held:
                 self.assertTrue(s.recv(200).startswith(b"220 "))
             with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as third:
-                self.assertEqual(third.recv(200), b"421 mta.test Too many concurrent SMTP "
+                self.assertEqual(third.recv(200), b"421 Too many concurrent SMTP "
                                  b"connections; please try again later.\r\n")
         finally:
             for s in held:

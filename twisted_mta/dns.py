@@ -13,6 +13,7 @@ itself, just as Exim relies on its resolver.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,7 @@ class Resolver:
         self.threadpool = threadpool
         self.timeout = timeout
         self._nameservers = nameservers
+        self.hosts_file = "/etc/hosts"
 
     def _make_resolver(self, dnssec: bool, timeout: float) -> dns.resolver.Resolver:
         # A fresh dnspython resolver per query: they are cheap, and this keeps
@@ -150,6 +152,16 @@ class Resolver:
         answer = await self.lookup(reverse_name(ip), "PTR")
         return [record.target.to_text(omit_final_dot=True) for record in answer.records]
 
+    async def hosts_file_names(self, ip: str) -> list[str]:
+        """The names the hosts file gives IP address *ip* (its first line
+        for that address, as gethostbyaddr() reads it): Exim's ``byaddr``
+        half of host_lookup_order.  Empty when nameservers are explicit
+        (a test resolver) or the file is unreadable."""
+        if self._nameservers is not None:
+            return []
+        return await deferToThreadPool(self.reactor, self.threadpool,
+                                       hosts_file_names, ip, self.hosts_file)
+
     async def host_addresses(self, name: str) -> list[str]:
         """The IPv6 and then IPv4 addresses of *name* (an IP address is
         returned as it is).
@@ -176,3 +188,26 @@ class Resolver:
             raise failure
         return addresses
 
+
+
+def hosts_file_names(ip: str, path: str = "/etc/hosts") -> list[str]:
+    """The names on the first line of hosts file *path* for address *ip*."""
+    try:
+        wanted = ipaddress.ip_address(ip)
+    except ValueError:
+        return []
+    try:
+        with open(path, encoding="latin-1") as hosts:
+            for line in hosts:
+                fields = line.split("#", 1)[0].split()
+                if len(fields) < 2:
+                    continue
+                try:
+                    address = ipaddress.ip_address(fields[0].split("%", 1)[0])
+                except ValueError:
+                    continue
+                if address == wanted:
+                    return fields[1:]
+    except OSError:
+        return []
+    return []

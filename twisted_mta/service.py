@@ -80,6 +80,51 @@ def listening_addresses(config: Any, override: str | None = None) -> list[tuple[
     return found
 
 
+def describe_listeners(listeners: list[tuple[str, int, bool]]) -> str:
+    """The "listening for ..." part of Exim's start-up line: plain SMTP
+    sockets, then "and for SMTPS on" the tls_on_connect ones; ports of one
+    address merged as ``[ip]:{25,587}``, wildcards as ``port 25 (IPv4)``,
+    at most ten sockets named per kind."""
+    v6_wildcards, v4_wildcards = ("::", "::0"), ("", "0.0.0.0")
+    text = []
+    for tls in (False, True):
+        kind = [(a, p) for a, p, t in listeners if t == tls]
+        if not kind:
+            continue
+        text.append(("and for SMTPS on" if text else "SMTPS on") if tls else "SMTP on")
+        items: list[list] = []  # [address, ports, label]
+        skip = False
+        for index, (address, port) in enumerate(kind[:10]):
+            if skip:
+                skip = False
+                continue
+            if address in v6_wildcards:
+                following = kind[index + 1] if index + 1 < len(kind) else None
+                if following and following[0] in v4_wildcards and following[1] == port:
+                    items.append([None, [port], f"port {port} (IPv6 and IPv4)"])
+                    skip = True
+                else:
+                    items.append([None, [port], f"port {port} (IPv6 with IPv4)"])
+            elif address in v4_wildcards:
+                items.append([None, [port], f"port {port} (IPv4)"])
+            else:
+                earlier = next((item for item in items if item[0] == address), None)
+                if earlier:
+                    earlier[1].append(port)
+                else:
+                    items.append([address, [port], None])
+        for address, ports, label in items:
+            if label:
+                text.append(label)
+            elif len(ports) == 1:
+                text.append(f"[{address}]:{ports[0]}")
+            else:
+                text.append(f"[{address}]:{{{','.join(map(str, ports))}}}")
+        if len(kind) > 10:
+            text.append("...")
+    return " ".join(text)
+
+
 def _interface_item(item: str) -> tuple[str, int | None]:
     from twisted_mta.lists import ip_version
 
@@ -109,7 +154,7 @@ class SMTPFactory(protocol.ServerFactory):
 
         mta = self.mta
         peer = (addr.host, addr.port)
-        refusal = mta.connection_refusal(addr.host)
+        refusal = mta.connection_refusal(addr.host, addr.port)
         if refusal is not None:
             return _Refuse(refusal, mta, addr.host)
         server = ESMTPServer(mta.settings, peer=peer, local=None,
@@ -149,14 +194,15 @@ class MTAService(service.MultiService):
 
     # -- connection accounting -----------------------------------------------
 
-    def connection_refusal(self, address: str) -> str | None:
+    def connection_refusal(self, address: str, port: int) -> str | None:
+        """The 421 text for a connection over smtp_accept_max or
+        smtp_accept_max_per_host (Exim names no host in it), or None."""
         config = self.config
-        hostname = config.get("primary_hostname")
         limit = config.get("smtp_accept_max", 20)
         if limit and self.total_connections >= limit:
-            self.settings.log.write(f"Connection from [{address}] refused: too many "
-                                    f"connections", targets=("main",))
-            return f"{hostname} Too many concurrent SMTP connections; please try again later."
+            self.settings.log.write(f"Connection from {self._whofrom(address, port)} refused: "
+                                    f"too many connections", targets=("main",))
+            return "Too many concurrent SMTP connections; please try again later."
         per_host = config.get("smtp_accept_max_per_host")
         if per_host:
             try:
@@ -165,16 +211,23 @@ class MTAService(service.MultiService):
                 per_host_limit = 0
             if per_host_limit and self.connections.get(address, 0) >= per_host_limit:
                 self.settings.log.write(
-                    f"Connection from [{address}] refused: too many connections from that IP "
-                    f"address", targets=("main",))
-                return (f"{hostname} Too many concurrent SMTP connections from this IP "
-                        f"address; please try again later.")
+                    f"Connection from {self._whofrom(address, port)} refused: too many "
+                    f"connections from that IP address", targets=("main",))
+                return ("Too many concurrent SMTP connections from this IP "
+                        "address; please try again later.")
         return None
+
+    def _whofrom(self, address: str, port: int) -> str:
+        from twisted_mta.log import sender_fullhost
+
+        return sender_fullhost(None, None, address, port,
+                               with_port="incoming_port" in self.settings.log.selectors)
 
     def connection_opened(self, server: Any) -> None:
         address = server.sender_host_address
         self.connections[address] = self.connections.get(address, 0) + 1
         self.total_connections += 1
+        server.connection_count = self.total_connections
         queue_over = self.config.get("smtp_accept_queue", 0)
         if queue_over and self.total_connections > queue_over:
             server.queue_only = True
@@ -235,6 +288,7 @@ class MTAService(service.MultiService):
         tls_ports = {_port_number(p) for p in split_list(
             self.config.get("tls_on_connect_ports") or "")}
         listening = []
+        described = []
         for address, port in listening_addresses(self.config, self.ports_override):
             factory = SMTPFactory(self, tls_on_connect=port in tls_ports)
             try:
@@ -244,6 +298,7 @@ class MTAService(service.MultiService):
                 wildcards = {"::0", "::", "0.0.0.0"}
                 if address in wildcards and any(a in wildcards and p == port
                                                 for a, p in listening):
+                    described.append((address, port, port in tls_ports))
                     continue
                 self.settings.log.write(f"socket bind() to port {port} for address "
                                         f"{address} failed: {e}: daemon abandoned",
@@ -252,11 +307,11 @@ class MTAService(service.MultiService):
             self.listeners.append(listener)
             host = listener.getHost()
             listening.append((address, host.port))
+            described.append((address, host.port, port in tls_ports))
         self.listening = listening
-        where = " ".join(f"[{a}]:{p}" for a, p in listening)
         self.settings.log.write(
             f"exim {EXIM_COMPAT_VERSION} daemon started: pid={os.getpid()}, no queue runs, "
-            f"listening for SMTP on {where}", targets=("main",))
+            f"listening for {describe_listeners(described)}", targets=("main",))
         super().startService()
 
     def stopService(self) -> Any:

@@ -31,8 +31,10 @@ class AddressError(Exception):
 class _Parser:
     """One parse of one mailbox; mirrors parse_extract_address()."""
 
-    def __init__(self, text: str, allow_group: bool) -> None:
+    def __init__(self, text: str, allow_group: bool,
+                 allow_domain_literals: bool = False) -> None:
         self.s = text
+        self.allow_domain_literals = allow_domain_literals
         self.i = 0
         self.allow_group = allow_group
         self.found_group = False
@@ -149,7 +151,7 @@ class _Parser:
             raise AddressError("malformed domain literal")
         self.i += 1
         out.append("]")
-        if not msg_id_literals:
+        if not msg_id_literals and not self.allow_domain_literals:
             raise AddressError("domain literals not allowed")
         self.skip_comment()
         return "".join(out)
@@ -265,10 +267,10 @@ class _Parser:
         return address, domain, start, end
 
 
-def extract_address(mailbox: str) -> tuple[str, int]:
+def extract_address(mailbox: str, allow_domain_literals: bool = False) -> tuple[str, int]:
     """The operative address in an RFC 2822 mailbox and the offset of its
     domain (0 if it has none); raises AddressError."""
-    address, domain, _start, _end = _Parser(mailbox, False).extract()
+    address, domain, _start, _end = _Parser(mailbox, False, allow_domain_literals).extract()
     return address, domain
 
 

@@ -217,7 +217,7 @@ async def _verified_names(address: str, ctx: Any) -> tuple[str, ...]:
     try:
         candidates = await resolver.lookup_ptr(address)
     except DnsError:
-        return ()
+        candidates = []
     verified = []
     for name in candidates:
         try:
@@ -226,6 +226,10 @@ async def _verified_names(address: str, ctx: Any) -> tuple[str, ...]:
             continue
         if any(_same_ip(a, client) for a in addresses):
             verified.append(name.lower())
+    if not verified and hasattr(resolver, "hosts_file_names"):
+        # host_lookup_order's "byaddr": the hosts file, whose names need no
+        # forward check (it would read the same file).
+        verified = [name.lower() for name in await resolver.hosts_file_names(address)]
     return tuple(verified)
 
 

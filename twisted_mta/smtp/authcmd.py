@@ -50,9 +50,13 @@ async def run_auth_command(server: ESMTPServer, argument: str) -> None:
         server.send(f"334 {b64encode(prompt)}\r\n".encode())
         return await server.read_auth_line()
 
-    outcome = await chosen.authenticate(initial or None, ask, server.ctx,
-                                        host_ident=server.host_and_ident(False),
-                                        defer_user_msg=server.auth_defer_text)
+    try:
+        outcome = await chosen.authenticate(initial or None, ask, server.ctx,
+                                            host_ident=server.host_and_ident(False),
+                                            defer_user_msg=server.auth_defer_text)
+    except ConnectionError:
+        # The client left mid-exchange; the session's EOF handling follows.
+        return
     server.auth_defer_text = outcome.defer_user_msg
     code, text = outcome.reply
     server.send(f"{code} {text}\r\n".encode("latin-1", "replace"))

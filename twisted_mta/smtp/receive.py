@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from twisted_mta.expand.addresses import AddressError, extract_address
 from twisted_mta.expand.errors import ExpansionError
 from twisted_mta.smtp.message import Header, IncomingMessage
 from twisted_mta.smtp.replies import printing, split_user_code
@@ -97,6 +98,8 @@ async def receive_message(server: ESMTPServer, message: IncomingMessage, *,
         elif "queue" in txn.controls and "delay_delivery" in server.selector():
             server.log_write("no immediate delivery: queued by ACL", ("main",),
                              message_id=message_id)
+        # As in Exim, a message the client is told about is in the log.
+        await server.log_flushed()
     if prdr_lines is not None:
         _prdr_final_reply(server, prdr_lines, message_id)
     else:
@@ -271,8 +274,10 @@ def reception_log_line(server: ESMTPServer, message: IncomingMessage, prdr: bool
     elif variables.get("sender_ident"):
         parts.append(f"U={variables['sender_ident']}")
     parts.append(f"P={variables.get('received_protocol', 'smtp')}")
-    if "pipelining" in selector and server.pipelining_used:
-        parts.append("L")
+    if "pipelining" in selector and server.pipelining_advertised():
+        parts.append("L" + ("*" if server.early_pipe_used else
+                            "." if server.early_pipe_advertised else "")
+                     + ("" if server.pipelining_used else "-"))
     cipher = variables.get("tls_in_cipher")
     if cipher:
         if "tls_cipher" in selector:
@@ -306,7 +311,13 @@ def reception_log_line(server: ESMTPServer, message: IncomingMessage, prdr: bool
     if "msg_id" in selector:
         for h in message.headers:
             if h.flag == "I":
-                parts.append(f"id={h.value.strip()}")
+                # Exim reads the id as an address: no angle brackets, and
+                # nothing logged when it does not parse as one.
+                try:
+                    msg_id, _domain = extract_address(h.value, allow_domain_literals=True)
+                except AddressError:
+                    break
+                parts.append(f"id={printing(msg_id)}")
                 break
     if "subject" in selector:
         for h in message.headers:

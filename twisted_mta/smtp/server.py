@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, error, threads
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.mail import smtp
 from twisted.python import log as twisted_log
@@ -31,6 +31,7 @@ from twisted_mta.lists import HostIdentity, ListDefer, match_list
 from twisted_mta.smtp.message import DataReader, IncomingMessage
 from twisted_mta.smtp.replies import format_reply, printing, split_user_code
 from twisted_mta.smtp.session import Recipient, SmtpAclSession, Transaction
+from twisted_mta.values import format_time
 
 MAX_COMMAND_LINE = 16384
 READ_BUFFER_HIGH_WATER = 1 << 20
@@ -173,10 +174,16 @@ class ESMTPServer(smtp.ESMTP):
         self.chunking_used = False
         self.helo_accept_junk = False
         self.pipe_connect_acceptable = False
+        # Set by the daemon: this connection's place in its count.
+        self.connection_count = 0
+        self.log_connections = False
+        self.early_pipe_advertised = False
+        self.early_pipe_used = False
         self.sender_unqualified = False
         self.recipient_unqualified = False
         self.utf8_domains = False
         self._data_started = 0.0
+        self._connected_at = settings.clock.seconds()
 
     # -- identity ---------------------------------------------------------------
 
@@ -258,6 +265,11 @@ class ESMTPServer(smtp.ESMTP):
             # and every log line shows it.
             log.write(text, targets, message_id or self.last_message_id)
 
+    def log_flushed(self) -> defer.Deferred:
+        """Fires once every line logged so far is in its file."""
+        log = self.settings.log
+        return log.when_flushed() if log is not None else defer.succeed(None)
+
     def send(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
             self.transport.write(data)
@@ -325,8 +337,20 @@ class ESMTPServer(smtp.ESMTP):
         return self.vars.get("smtp_active_hostname") or self.config.get("primary_hostname")
 
     async def _start(self) -> None:
-        for option in ("hosts_connection_nolog", "host_lookup", "host_reject_connection"):
-            await self.host_in(option)
+        nolog = await self.host_in("hosts_connection_nolog")
+        self.log_connections = "smtp_connection" in self.selector() and not nolog
+        if self.log_connections and self.connection_count:
+            self.log_write(f"SMTP connection from {self._whofrom()} "
+                           f"(TCP/IP connection count = {self.connection_count})")
+        if await self.host_in("host_lookup"):
+            await self._look_up_host_name()
+        if await self.host_in("host_reject_connection"):
+            if "connection_reject" in self.selector():
+                self.log_write(f"refused connection from {self.host_and_ident(False)} "
+                               f"(host_reject_connection)", ("main", "reject"))
+            self.send(b"554 SMTP service not available\r\n")
+            self.close_connection()
+            return
         self.sender_unqualified = await self.host_in("sender_unqualified_hosts")
         self.recipient_unqualified = await self.host_in("recipient_unqualified_hosts")
         for option in ("helo_verify_hosts", "helo_try_verify_hosts"):
@@ -362,8 +386,11 @@ class ESMTPServer(smtp.ESMTP):
             self.reply("220", banner)
 
     async def _sync_check_banner(self) -> None:
-        if self._buffer and self._sync_enforced() and not self.proxy_failed \
-                and not self.pipe_connect_acceptable:
+        if not (self._buffer and self._sync_enforced()):
+            return
+        if self.pipe_connect_acceptable:
+            self.early_pipe_used = True
+        elif not self.proxy_failed:
             self.log_write(
                 f"SMTP protocol synchronization error (input sent without waiting for "
                 f"greeting): rejected connection from {self.host_and_ident(True)} "
@@ -396,11 +423,14 @@ class ESMTPServer(smtp.ESMTP):
             return
         self._apply_proxy(result)
         if result.source_address is not None:
-            await self._lookup_proxied_host()
+            # Exim 4.96 looks the proxied client up whatever host_lookup
+            # says and logs a failure, but does not use a name it finds.
+            self.vars.pop("sender_host_name", None)
+            await self._look_up_host_name(keep_name=False)
 
-    async def _lookup_proxied_host(self) -> None:
-        """Exim always looks up the proxied client's name, whatever
-        host_lookup says."""
+    async def _look_up_host_name(self, keep_name: bool = True) -> None:
+        """Find the client's verified name, or say that there is none, as
+        Exim does on connection when host_lookup matches."""
         identity = self.host_identity
         if identity is None:
             return
@@ -409,9 +439,12 @@ class ESMTPServer(smtp.ESMTP):
         except Exception:
             names = ()
         if names:
-            self.vars["sender_host_name"] = names[0]
+            if keep_name:
+                self.vars["sender_host_name"] = names[0]
         else:
-            self.log_write(f"no host name found for IP address {self.sender_host_address}")
+            self.vars["host_lookup_failed"] = "1"
+            if "host_lookup_failed" in self.selector():
+                self.log_write(f"no host name found for IP address {self.sender_host_address}")
         self._update_host_variables()
 
     def _drain_proxy(self) -> None:
@@ -458,6 +491,10 @@ class ESMTPServer(smtp.ESMTP):
             self._paused = True
 
     def _pump(self) -> None:
+        if self._mode == "auth":
+            # The AUTH command is busy waiting for exactly this input.
+            self._feed_auth_line()
+            return
         while not self._busy and not self.closed and self._buffer:
             if self._mode == "data":
                 rest = self._reader.feed(self._buffer)
@@ -476,15 +513,6 @@ class ESMTPServer(smtp.ESMTP):
                     self._run(self._end_of_chunk())
                 else:
                     self._reader.feed_chunk(chunk, False)
-                continue
-            if self._mode == "auth":
-                nl = self._buffer.find(b"\n")
-                if nl < 0:
-                    return
-                line, self._buffer = self._buffer[:nl], self._buffer[nl + 1:]
-                waiting, self._auth_wait = self._auth_wait, None
-                self._mode = "command"
-                waiting.callback(line.decode("latin-1"))
                 continue
             if self._mode != "command":
                 return
@@ -519,17 +547,52 @@ class ESMTPServer(smtp.ESMTP):
         self._eof = True
         self._pump()
 
-    async def _input_lost(self) -> None:
+    async def _input_lost(self, read_error: str = "") -> None:
+        """EOF (or a read error) from the client, as Exim's EOF_CMD: only a
+        lost transaction is worth a line by default."""
         self._buffer = b""
         if self._mode in ("data", "bdat"):
-            self.log_write(f"SMTP connection from {self.host_and_ident(False)} lost while "
-                           f"reading message data")
-        elif not self.host_checking:
-            self.log_write(f"unexpected disconnection while reading SMTP command from "
-                           f"{self.host_and_ident(False)} D=0s")
-        await self._notquit("connection-lost")
-        self.reply("421", f"{self.active_hostname()} lost input connection")
+            self._log_lost_in_data(read_error)
+            await self._notquit("connection-lost")
+        else:
+            self._incomplete_transaction_log("connection lost")
+            await self._notquit("connection-lost")
+            self.reply("421", f"{self.active_hostname()} lost input connection")
+            self._log_lost_between_commands(read_error)
         self.close_connection()
+
+    def _log_lost_in_data(self, read_error: str) -> None:
+        if {"lost_incoming_connection", "smtp_connection"} & self.selector():
+            self.log_write(f"{self._connection_info()} lost while reading message "
+                           f"data{read_error}")
+
+    def _log_lost_between_commands(self, read_error: str) -> None:
+        txn = self.transaction
+        if txn.sender is not None or txn.recipients:
+            if not self.host_checking and "lost_incoming_connection" in self.selector():
+                eof = "EOF" if not self.sender_host_address else "disconnection"
+                self.log_write(f"unexpected {eof} while reading SMTP command from "
+                               f"{self.host_and_ident(False)}{read_error} "
+                               f"D={self._time_connected()}")
+        elif self.log_connections:
+            self.log_write(f"{self._connection_info()} lost{read_error} "
+                           f"D={self._time_connected()}")
+
+    def _time_connected(self) -> str:
+        """string_timesince(smtp_connection_start)."""
+        elapsed = max(0.0, self.clock.seconds() - self._connected_at)
+        if elapsed >= 5 or "millisec" not in self.selector():
+            return format_time(int(elapsed))
+        return f"{elapsed:.3f}s"
+
+    def _incomplete_transaction_log(self, what: str) -> None:
+        txn = self.transaction
+        if txn.sender is None or "smtp_incomplete_transaction" not in self.selector():
+            return
+        text = f"{self.host_and_ident(True)} incomplete transaction ({what}) from <{txn.sender}>"
+        if txn.recipients:
+            text += " for " + " ".join(r.address for r in txn.recipients)
+        self.log_write(text)
 
     def _run(self, coroutine: Awaitable[Any]) -> None:
         """Run a command; hold input until it has replied."""
@@ -561,10 +624,22 @@ class ESMTPServer(smtp.ESMTP):
         if self._auth_wait is not None and not self._auth_wait.called:
             self._auth_wait.errback(ConnectionError("connection lost"))
         if not was_closed and not self._quit_requested:
-            what = "lost while reading message data" if self._mode in ("data", "bdat") else "lost"
-            self.log_write(f"SMTP connection from {self.host_and_ident(False)} {what}")
+            # Reset rather than closed: nothing more can be said to the client.
+            clean = reason is None or reason.check(error.ConnectionDone)
+            read_error = "" if clean else " (error: Connection reset by peer)"
+            if self._mode in ("data", "bdat"):
+                self._log_lost_in_data(read_error)
+            else:
+                self._incomplete_transaction_log("connection lost")
+                self._log_lost_between_commands(read_error)
 
     # -- command dispatch ---------------------------------------------------------------
+
+    def _note_pipelined_input(self) -> None:
+        """pipeline_response(): after a good MAIL or RCPT, input already
+        waiting means the client pipelines (the L flag without "-")."""
+        if self._buffer and self._sync_enforced() and self.pipelining_advertised():
+            self.pipelining_used = True
 
     def _sync_enforced(self) -> bool:
         return (self.enforce_sync and bool(self.sender_host_address)
@@ -728,13 +803,24 @@ class ESMTPServer(smtp.ESMTP):
                            message_id=self.vars.get("message_exim_id")
                            if where in ("data", "prdr") else None)
         if drop:
-            if "smtp_connection" in self.selector():
+            if self.log_connections:
                 self.log_write(f"{self._connection_info()} closed by DROP in ACL")
             self.close_connection()
         return drop
 
     def _connection_info(self) -> str:
         return f"SMTP connection from {self.host_and_ident(False)}"
+
+    def _whofrom(self) -> str:
+        """The client as the daemon names it when it connects."""
+        from twisted_mta.log import sender_fullhost
+
+        selector = self.selector()
+        text = sender_fullhost(None, None, self.peer[0], self.peer[1],
+                               with_port="incoming_port" in selector)
+        if "incoming_interface" in selector and self.local:
+            text += f" I=[{self.local[0]}]:{self.local[1]}"
+        return text
 
     async def _notquit(self, reason: str) -> None:
         if not self.config.get("acl_smtp_notquit"):
@@ -766,6 +852,7 @@ class ESMTPServer(smtp.ESMTP):
 
     async def do_QUIT(self, argument: str) -> None:
         self._quit_requested = True
+        self._incomplete_transaction_log("QUIT")
         outcome = None
         if self.config.get("acl_smtp_quit"):
             outcome = await self.acl("quit")
@@ -773,9 +860,12 @@ class ESMTPServer(smtp.ESMTP):
             self.reply("221", outcome.user_message)
         else:
             self.reply("221", f"{self.active_hostname()} closing connection")
+        if self.log_connections:
+            self.log_write(f"{self._connection_info()} closed by QUIT")
         self.close_connection()
 
     async def do_RSET(self, argument: str) -> None:
+        self._incomplete_transaction_log("RSET")
         self._reset_transaction()
         self.reply("250", "Reset OK")
 
@@ -896,6 +986,7 @@ class ESMTPServer(smtp.ESMTP):
             self.advertised.add("PIPELINING")
             if self.pipe_connect_acceptable:
                 keywords.append("PIPECONNECT")
+                self.early_pipe_advertised = True
         mechanisms = await self._auth_mechanisms()
         if mechanisms:
             keywords.append("AUTH " + " ".join(mechanisms))
@@ -1020,6 +1111,7 @@ class ESMTPServer(smtp.ESMTP):
         if outcome is not None and outcome.verdict == "discard":
             txn.discarded = True
         message = outcome.user_message if outcome is not None else None
+        self._note_pipelined_input()
         if params.prdr:
             self.send(f"250 {split_user_code('250', message)[1] if message else 'OK'}, "
                       f"PRDR Requested\r\n".encode("latin-1", "replace"))
@@ -1090,6 +1182,7 @@ class ESMTPServer(smtp.ESMTP):
             verdict = outcome.verdict
         message = outcome.user_message if outcome is not None else None
         if verdict == "accept":
+            self._note_pipelined_input()
             self._note_rcpt_reply(message or "Accepted")
             if message:
                 self.user_reply("250", message)
@@ -1170,8 +1263,6 @@ class ESMTPServer(smtp.ESMTP):
             await self._sync_failure(self.vars.get("smtp_command", "DATA"))
             return
         self._start_message(dot_ends=True)
-        if self._buffer:
-            self.pipelining_used = True
         if outcome is not None and outcome.user_message:
             self.user_reply("354", outcome.user_message)
         else:
@@ -1337,21 +1428,31 @@ class ESMTPServer(smtp.ESMTP):
         await run_auth_command(self, argument)
 
     def read_auth_line(self) -> defer.Deferred:
-        """The client's next line during an AUTH exchange."""
+        """The client's next line during an AUTH exchange; fails with
+        ConnectionError if the client goes away first."""
         self._auth_wait = defer.Deferred()
         self._mode = "auth"
         waiting = self._auth_wait
-        self.clock.callLater(0, self._pump_if_idle)
+        self._feed_auth_line()
         return waiting
 
-    def _pump_if_idle(self) -> None:
-        if self._mode == "auth" and self._buffer:
-            nl = self._buffer.find(b"\n")
-            if nl >= 0 and self._auth_wait is not None:
-                line, self._buffer = self._buffer[:nl], self._buffer[nl + 1:]
-                waiting, self._auth_wait = self._auth_wait, None
-                self._mode = "command"
-                waiting.callback(line.decode("latin-1"))
+    def _feed_auth_line(self) -> None:
+        waiting = self._auth_wait
+        if waiting is None:
+            return
+        nl = self._buffer.find(b"\n")
+        if nl >= 0:
+            line, self._buffer = self._buffer[:nl], self._buffer[nl + 1:]
+        elif self._eof:
+            line = None
+        else:
+            return
+        self._auth_wait = None
+        self._mode = "command"
+        if line is None:
+            waiting.errback(ConnectionError("connection lost during AUTH"))
+        else:
+            waiting.callback(line.decode("latin-1"))
 
     # -- STARTTLS -----------------------------------------------------------------
 
