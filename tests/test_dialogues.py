@@ -511,32 +511,23 @@ class DialogueTests(_TempDirCase):
         self.assertRegex(harness.output(), rb"\A220 myhost\.test\.ex ESMTP [^\r\n]*\r\n\Z")
 
     # proxy-05 holds five connections; each is its own test so that a
-    # known difference in one does not hide the others.
+    # difference in one does not hide the others.
     PROXY_05 = "proxy-05-v1-unknown-v2-local-tcp6.txt"
 
-    # Known difference: for "PROXY UNKNOWN" exim-py sets $proxy_local_address
-    # and $proxy_local_port to the TCP peer; Exim 4.96 sets them only for
-    # TCP4/TCP6 headers, so its helo ACL logs "local []:0" where exim-py
-    # logs "local [127.0.0.1]:40123".  The replies match.
-    @unittest.expectedFailure
+    # "PROXY UNKNOWN": the TCP peer stays the client and, as in Exim 4.96,
+    # $proxy_local_address and $proxy_local_port stay unset.
     def test_proxy_05_a_v1_unknown(self) -> None:
         self.replay(self.PROXY_05, "proxy-05.conf", session=1)
 
-    # Known difference: as for a), with the v2 LOCAL command: "local []:0"
-    # expected, "local [127.0.0.1]:40123" logged.  The replies match.
-    @unittest.expectedFailure
+    # The same for the v2 LOCAL command.
     def test_proxy_05_b_v2_local(self) -> None:
         self.replay(self.PROXY_05, "proxy-05.conf", session=2)
 
     def test_proxy_05_c_v1_tcp6(self) -> None:
         self.replay(self.PROXY_05, "proxy-05.conf", session=3)
 
-    # Known difference: a PROXY header and EHLO in one packet.  Exim 4.96
-    # sends the banner and answers the EHLO; exim-py counts the EHLO left
-    # over after the header as input sent before the greeting and replies
-    # "554 SMTP synchronization error" instead of "220 myhost.test.ex ESMTP
-    # ...", then closes the connection.
-    @unittest.expectedFailure
+    # A PROXY header and EHLO in one packet: the EHLO is not input sent
+    # before the greeting; the banner comes, then the EHLO's reply.
     def test_proxy_05_d_header_and_command_in_one_packet(self) -> None:
         self.replay(self.PROXY_05, "proxy-05.conf", session=4)
 

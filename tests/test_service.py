@@ -1,4 +1,4 @@
-"""The daemon's listener addresses and the -bh argument."""
+"""The daemon's listener addresses, its start-up line and the -bh argument."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import unittest
 
 from twisted_mta.config import parse_config_text
 from twisted_mta.hostcheck import HostCheckError, parse_host_argument
-from twisted_mta.service import listening_addresses
+from twisted_mta.service import describe_listeners, listening_addresses
 
 
 def _config(text: str):
@@ -53,3 +53,29 @@ class HostArgumentTests(unittest.TestCase):
     def test_bad(self) -> None:
         with self.assertRaises(HostCheckError):
             parse_host_argument("nonsense")
+
+
+class StartupLineTests(unittest.TestCase):
+    """The "listening for ..." text, as Exim 4.96's daemon.c builds it."""
+
+    def test_ports_of_one_address_merged_and_smtps_last(self) -> None:
+        self.assertEqual(
+            describe_listeners([("127.0.0.1", 2525, False), ("127.0.0.1", 2587, False),
+                                ("127.0.0.1", 2465, True), ("::1", 2525, False)]),
+            "SMTP on [127.0.0.1]:{2525,2587} [::1]:2525 and for SMTPS on [127.0.0.1]:2465")
+
+    def test_wildcards(self) -> None:
+        self.assertEqual(describe_listeners([("0.0.0.0", 25, False), ("::0", 25, False)]),
+                         "SMTP on port 25 (IPv6 and IPv4)")
+        self.assertEqual(describe_listeners([("::", 25, False)]),
+                         "SMTP on port 25 (IPv6 with IPv4)")
+        self.assertEqual(describe_listeners([("0.0.0.0", 25, False)]),
+                         "SMTP on port 25 (IPv4)")
+
+    def test_only_smtps(self) -> None:
+        self.assertEqual(describe_listeners([("127.0.0.1", 465, True)]),
+                         "SMTPS on [127.0.0.1]:465")
+
+    def test_at_most_ten_named(self) -> None:
+        text = describe_listeners([("127.0.0.1", 2000 + n, False) for n in range(12)])
+        self.assertTrue(text.endswith("2009} ..."), text)

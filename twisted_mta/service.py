@@ -98,13 +98,14 @@ def describe_listeners(listeners: list[tuple[str, int, bool]]) -> str:
             if skip:
                 skip = False
                 continue
-            if address in v6_wildcards:
-                following = kind[index + 1] if index + 1 < len(kind) else None
-                if following and following[0] in v4_wildcards and following[1] == port:
-                    items.append([None, [port], f"port {port} (IPv6 and IPv4)"])
-                    skip = True
-                else:
-                    items.append([None, [port], f"port {port} (IPv6 with IPv4)"])
+            following = kind[index + 1] if index + 1 < len(kind) else None
+            if address in v6_wildcards + v4_wildcards and following \
+                    and following[1] == port and following[0] in v6_wildcards + v4_wildcards \
+                    and (address in v6_wildcards) != (following[0] in v6_wildcards):
+                items.append([None, [port], f"port {port} (IPv6 and IPv4)"])
+                skip = True
+            elif address in v6_wildcards:
+                items.append([None, [port], f"port {port} (IPv6 with IPv4)"])
             elif address in v4_wildcards:
                 items.append([None, [port], f"port {port} (IPv4)"])
             else:

@@ -179,6 +179,7 @@ class ESMTPServer(smtp.ESMTP):
         self.log_connections = False
         self.early_pipe_advertised = False
         self.early_pipe_used = False
+        self._proxy_leftover = 0
         self.sender_unqualified = False
         self.recipient_unqualified = False
         self.utf8_domains = False
@@ -386,7 +387,9 @@ class ESMTPServer(smtp.ESMTP):
             self.reply("220", banner)
 
     async def _sync_check_banner(self) -> None:
-        if not (self._buffer and self._sync_enforced()):
+        # Commands that came in the PROXY header's packet are let through,
+        # as Exim 4.96 does.
+        if len(self._buffer) <= self._proxy_leftover or not self._sync_enforced():
             return
         if self.pipe_connect_acceptable:
             self.early_pipe_used = True
@@ -394,7 +397,7 @@ class ESMTPServer(smtp.ESMTP):
             self.log_write(
                 f"SMTP protocol synchronization error (input sent without waiting for "
                 f"greeting): rejected connection from {self.host_and_ident(True)} "
-                f'input="{printing(self._buffer[:150].decode("latin-1"))}"',
+                f'input="{printing(self._buffer[:128].decode("latin-1"))}"',
                 ("main", "reject"))
             self.reply("554", "SMTP synchronization error")
             self.close_connection()
@@ -417,6 +420,7 @@ class ESMTPServer(smtp.ESMTP):
         self._mode = "command"
         self._proxy_reader = None
         self._buffer = result.leftover + self._buffer
+        self._proxy_leftover = len(result.leftover)
         if not result.ok:
             self.proxy_failed = True
             self.trace(f"PROXY negotiation failed: {result.error}")
@@ -458,10 +462,12 @@ class ESMTPServer(smtp.ESMTP):
     def _apply_proxy(self, result: Any) -> None:
         proxy_address = self.sender_host_address
         proxy_port = self.vars.get("sender_host_port", "")
+        if result.source_address is None:
+            # UNKNOWN and LOCAL headers keep the TCP peer; like Exim 4.96,
+            # no proxy addresses are set for them.
+            return
         self.vars["proxy_local_address"] = self.vars["proxy_host_address"] = proxy_address
         self.vars["proxy_local_port"] = self.vars["proxy_host_port"] = proxy_port
-        if result.source_address is None:
-            return
         self.vars["proxy_external_address"] = self.vars["proxy_target_address"] = \
             result.dest_address or ""
         self.vars["proxy_external_port"] = self.vars["proxy_target_port"] = \

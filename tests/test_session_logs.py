@@ -1,0 +1,221 @@
+"""What an SMTP session logs and how it reads its input, in memory: the
++pipelining flags, the Message-ID in the ``<=`` line, lost connections,
++smtp_connection and +smtp_incomplete_transaction lines, host_lookup,
+host_reject_connection, and AUTH LOGIN answers that come one at a time.
+
+Each expectation was checked against ``exim4 -bd`` (Exim 4.96) with the
+same configuration and session; tests/test_daemon_peers.py repeats the main
+ones against the real daemon.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.python.failure import Failure
+
+from tests.test_dialogues import Harness, _TempDirCase, config_from_text
+
+RCPT_ACCEPT = "acl_smtp_rcpt = rcpt\nbegin acl\nrcpt:\n  accept\n"
+AUTHENTICATORS = r"""
+begin authenticators
+
+LOGIN:
+  driver = plaintext
+  server_set_id = $auth1
+  server_prompts = <| Username: | Password:
+  server_condition = ${if and {{eq{$auth1}{alice}}{eq{$auth2}{secret}}}}
+"""
+
+
+def say(harness: Harness, *commands: str) -> None:
+    """Send each command in its own packet (no pipelining)."""
+    for command in commands:
+        harness.send(command.encode() + b"\r\n")
+
+
+def b64(text: str) -> bytes:
+    return base64.b64encode(text.encode()) + b"\r\n"
+
+
+class SessionLogTests(_TempDirCase):
+
+    def start(self, main: str = "", rest: str = RCPT_ACCEPT, **kwargs: Any) -> Harness:
+        harness = Harness(config_from_text(main + rest), self.tmp, **kwargs)
+        harness.connect()
+        self.assertRegex(harness.output(), rb"\A220 ")
+        return harness
+
+    def send_message(self, harness: Harness, *, pipelined: bool,
+                     headers: bytes = b"Subject: x\r\n") -> None:
+        commands = [b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<c@test.ex>\r\n", b"DATA\r\n"]
+        if pipelined:
+            harness.send(b"".join(commands))
+        else:
+            for command in commands:
+                harness.send(command)
+        harness.send(headers + b"\r\nbody\r\n.\r\n")
+        self.assertRegex(harness.output(), rb"250 OK id=\S+\r\n\Z")
+
+    def reception(self, harness: Harness) -> list[str]:
+        return [line for line in harness.log_lines() if " <= " in line]
+
+    # -- +pipelining --------------------------------------------------------
+
+    def test_pipelining_flags(self) -> None:
+        harness = self.start("log_selector = +pipelining\n")
+        harness.send(b"EHLO c.test\r\n")
+        harness.output()
+        self.send_message(harness, pipelined=False)
+        self.send_message(harness, pipelined=True)
+        first, second = self.reception(harness)
+        # "-": the client had not pipelined yet; once it has, it has.
+        self.assertIn(" P=esmtp L- S=", first)
+        self.assertIn(" P=esmtp L S=", second)
+
+    def test_pipeconnect_offered(self) -> None:
+        config = config_from_text("log_selector = +pipelining\n" + RCPT_ACCEPT,
+                                  replace=("pipelining_connect_advertise_hosts =",
+                                           "pipelining_connect_advertise_hosts = *"))
+        harness = Harness(config, self.tmp)
+        harness.connect()
+        harness.output()
+        harness.send(b"EHLO c.test\r\n")
+        self.assertIn(b"250-PIPECONNECT\r\n", harness.output())
+        self.send_message(harness, pipelined=False)
+        (line,) = self.reception(harness)
+        self.assertIn(" P=esmtp L.- S=", line)
+
+    def test_no_flag_without_pipelining_advertised(self) -> None:
+        harness = self.start("log_selector = +pipelining\n")
+        harness.send(b"HELO c.test\r\n")
+        harness.output()
+        self.send_message(harness, pipelined=False)
+        (line,) = self.reception(harness)
+        self.assertIn(" P=smtp S=", line)
+
+    # -- the Message-ID -------------------------------------------------------
+
+    def test_message_id_as_an_address(self) -> None:
+        harness = self.start()
+        harness.send(b"EHLO c.test\r\n")
+        self.send_message(harness, pipelined=False,
+                          headers=b"Message-ID: <x.1 @ [192.0.2.1]>\r\n")
+        harness.send(b"RSET\r\n")
+        self.send_message(harness, pipelined=False, headers=b"Message-ID: not an address\r\n")
+        with_id, without = self.reception(harness)
+        self.assertTrue(with_id.endswith(" id=x.1@[192.0.2.1]"), with_id)
+        self.assertNotIn(" id=", without)
+
+    # -- lost connections -------------------------------------------------------
+
+    def test_leaving_between_transactions_is_not_logged(self) -> None:
+        harness = self.start()
+        harness.send(b"EHLO c.test\r\n")
+        self.send_message(harness, pipelined=False)
+        harness.server.readConnectionLost()
+        self.assertEqual([line for line in harness.log_lines() if " <= " not in line], [])
+
+    def test_leaving_in_a_transaction(self) -> None:
+        harness = self.start()
+        say(harness, "EHLO c.test", "MAIL FROM:<a@b.test>")
+        harness.clock.advance(3)
+        harness.server.readConnectionLost()
+        self.assertEqual(harness.log_lines(),
+                         ["unexpected disconnection while reading SMTP command from "
+                          "(c.test) [127.0.0.1] D=3s"])
+
+    def test_reset_in_a_transaction(self) -> None:
+        harness = self.start()
+        say(harness, "EHLO c.test", "MAIL FROM:<a@b.test>")
+        harness.server.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(harness.log_lines(),
+                         ["unexpected disconnection while reading SMTP command from "
+                          "(c.test) [127.0.0.1] (error: Connection reset by peer) D=0s"])
+
+    def test_lost_in_data(self) -> None:
+        harness = self.start()
+        say(harness, "EHLO c.test", "MAIL FROM:<a@b.test>", "RCPT TO:<c@test.ex>", "DATA",
+            "Subject: x")
+        harness.server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(harness.log_lines(), ["SMTP connection from (c.test) [127.0.0.1] "
+                                               "lost while reading message data"])
+
+    # -- +smtp_connection, +smtp_incomplete_transaction ---------------------------
+
+    def test_connection_lines(self) -> None:
+        harness = Harness(config_from_text("log_selector = +smtp_connection\n" + RCPT_ACCEPT),
+                          self.tmp)
+        harness.server.connection_count = 3
+        harness.connect()
+        say(harness, "EHLO c.test", "QUIT")
+        self.assertEqual(harness.log_lines(),
+                         ["SMTP connection from [127.0.0.1] (TCP/IP connection count = 3)",
+                          "SMTP connection from (c.test) [127.0.0.1] closed by QUIT"])
+
+    def test_connection_lost_between_transactions(self) -> None:
+        harness = self.start("log_selector = +smtp_connection\n")
+        harness.send(b"EHLO c.test\r\n")
+        harness.server.readConnectionLost()
+        self.assertEqual(harness.log_lines(), ["SMTP connection from (c.test) [127.0.0.1] "
+                                               "lost D=0s"])
+
+    def test_hosts_connection_nolog(self) -> None:
+        harness = self.start("log_selector = +smtp_connection\n"
+                             "hosts_connection_nolog = 127.0.0.1\n")
+        say(harness, "EHLO c.test", "QUIT")
+        self.assertEqual(harness.log_lines(), [])
+
+    def test_incomplete_transaction(self) -> None:
+        harness = self.start("log_selector = +smtp_incomplete_transaction\n")
+        say(harness, "EHLO c.test", "MAIL FROM:<a@b.test>", "RCPT TO:<c@test.ex>",
+            "RCPT TO:<d@test.ex>", "RSET", "MAIL FROM:<e@b.test>", "QUIT")
+        self.assertEqual(harness.log_lines(), [
+            "H=(c.test) [127.0.0.1] incomplete transaction (RSET) from <a@b.test> "
+            "for c@test.ex d@test.ex",
+            "H=(c.test) [127.0.0.1] incomplete transaction (QUIT) from <e@b.test>"])
+
+    # -- connection policy -------------------------------------------------------
+
+    def test_host_reject_connection(self) -> None:
+        harness = Harness(config_from_text("host_reject_connection = 127.0.0.1\n"
+                                           + RCPT_ACCEPT), self.tmp)
+        harness.connect()
+        self.assertEqual(harness.output(), b"554 SMTP service not available\r\n")
+        self.assertTrue(harness.transport.disconnecting)
+        self.assertEqual(harness.log_lines(), ["refused connection from [127.0.0.1] "
+                                               "(host_reject_connection)"])
+
+
+class AuthLoginTests(_TempDirCase):
+    """AUTH LOGIN's answers, whenever they arrive."""
+
+    def start(self) -> Harness:
+        config = config_from_text("auth_advertise_hosts = *\n" + RCPT_ACCEPT + AUTHENTICATORS)
+        harness = Harness(config, self.tmp)
+        harness.connect()
+        harness.send(b"EHLO c.test\r\n")
+        self.assertIn(b"250-AUTH LOGIN\r\n", harness.output())
+        return harness
+
+    def test_one_answer_per_packet(self) -> None:
+        harness = self.start()
+        harness.send(b"AUTH LOGIN\r\n")
+        self.assertEqual(harness.output(), b"334 VXNlcm5hbWU6\r\n")
+        username = b64("alice")
+        harness.send(username[:3])
+        self.assertEqual(harness.output(), b"")
+        harness.send(username[3:])
+        self.assertEqual(harness.output(), b"334 UGFzc3dvcmQ6\r\n")
+        harness.send(b64("secret") + b"MAIL FROM:<a@b.test>\r\n")
+        self.assertEqual(harness.output(), b"235 Authentication succeeded\r\n250 OK\r\n")
+
+    def test_client_leaves_mid_exchange(self) -> None:
+        harness = self.start()
+        harness.send(b"AUTH LOGIN\r\n")
+        harness.output()
+        harness.server.readConnectionLost()
+        self.assertTrue(harness.transport.disconnecting)
+        self.assertFalse([line for line in harness.log_lines() if "internal error" in line])
