@@ -219,3 +219,24 @@ class AuthLoginTests(_TempDirCase):
         harness.server.readConnectionLost()
         self.assertTrue(harness.transport.disconnecting)
         self.assertFalse([line for line in harness.log_lines() if "internal error" in line])
+
+
+class PrdrReplyTests(_TempDirCase):
+    """A PRDR ACL's message is a whole reply, as smtp_user_msg() makes it."""
+
+    def test_message_keeps_its_codes_and_lines(self) -> None:
+        config = config_from_text(
+            "prdr_enable\nacl_smtp_data_prdr = prdr\n" + RCPT_ACCEPT
+            + "prdr:\n  deny local_parts = b\n       message = 550 5.7.1 not for b\\nreally\n"
+            "  accept\n")
+        harness = Harness(config, self.tmp)
+        harness.connect()
+        say(harness, "EHLO c.test", "MAIL FROM:<s@b.test> PRDR", "RCPT TO:<a@test.ex>",
+            "RCPT TO:<b@test.ex>", "DATA")
+        harness.output()
+        harness.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        replies = harness.output().decode()
+        self.assertRegex(replies, r"\A353 PRDR content analysis beginning\r\n"
+                                  r"250 PRDR R=<a@test.ex> acceptance\r\n"
+                                  r"550-5.7.1 not for b\r\n550 5.7.1 really\r\n"
+                                  r"250 id=\S+ message accepted for some recipients\r\n\Z")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from twisted_mta.expand.addresses import AddressError, extract_address
 from twisted_mta.expand.errors import ExpansionError
 from twisted_mta.smtp.message import Header, IncomingMessage
-from twisted_mta.smtp.replies import printing, split_user_code
+from twisted_mta.smtp.replies import printing, user_reply
 
 if TYPE_CHECKING:
     from twisted_mta.smtp.server import ESMTPServer
@@ -54,7 +54,7 @@ async def receive_message(server: ESMTPServer, message: IncomingMessage, *,
     _apply_acl_headers(server, message)
     _message_variables(server, message)
 
-    prdr_lines: list[tuple[str, str]] | None = None
+    prdr_lines: list[bytes] | None = None
     kept = list(recipients)
     if txn.prdr and len(recipients) > 1 and _prdr_acl_set(server):
         prdr_lines, kept = await _run_prdr(server, recipients)
@@ -66,8 +66,8 @@ async def receive_message(server: ESMTPServer, message: IncomingMessage, *,
         outcome = None
     if prdr_lines is not None:
         server.send(b"353 PRDR content analysis beginning\r\n")
-        for code, text in prdr_lines:
-            server.send(f"{code} {text}\r\n".encode("latin-1", "replace"))
+        for reply in prdr_lines:
+            server.send(reply)
     if outcome is not None and outcome.verdict not in ("accept", "discard"):
         server.acl_failed("data", outcome, "")
         server.finish_transaction()
@@ -101,7 +101,7 @@ async def receive_message(server: ESMTPServer, message: IncomingMessage, *,
         # As in Exim, a message the client is told about is in the log.
         await server.log_flushed()
     if prdr_lines is not None:
-        _prdr_final_reply(server, prdr_lines, message_id)
+        _prdr_final_reply(server, message_id)
     else:
         _final_reply(server, outcome, message_id, chunked)
         server.after_message_reply()
@@ -202,10 +202,10 @@ def _prdr_acl_set(server: ESMTPServer) -> bool:
 
 
 async def _run_prdr(server: ESMTPServer, recipients: list[Any]
-                    ) -> tuple[list[tuple[str, str]], list[Any]]:
+                    ) -> tuple[list[bytes], list[Any]]:
     """Run the PRDR ACL for each recipient in order: the reply lines and
     the recipients kept."""
-    lines: list[tuple[str, str]] = []
+    lines: list[bytes] = []
     kept = []
     results = []
     for recipient in recipients:
@@ -213,11 +213,10 @@ async def _run_prdr(server: ESMTPServer, recipients: list[Any]
         server.vars["local_part"], server.vars["domain"] = local_part, domain
         outcome = await server.acl("prdr")
         code, word = _PRDR_TEXT.get(outcome.verdict, ("550", "refusal"))
-        if outcome.user_message:
-            _, text, _ = split_user_code(code, outcome.user_message)
-            lines.append((code, text.split("\n", 1)[0]))
-        else:
-            lines.append((code, f"PRDR R=<{recipient.address}> {word}"))
+        # smtp_user_msg(): the ACL's message may carry its own (extended)
+        # code and several lines.
+        lines.append(user_reply(code, outcome.user_message
+                                or f"PRDR R=<{recipient.address}> {word}"))
         if outcome.log_message or outcome.user_message:
             note = (outcome.log_message or outcome.user_message).split("\n", 1)[0]
             server.pending_prdr_logs.append(f"PRDR {recipient.address} {note}")
@@ -232,8 +231,7 @@ async def _run_prdr(server: ESMTPServer, recipients: list[Any]
     return lines, kept
 
 
-def _prdr_final_reply(server: ESMTPServer, lines: list[tuple[str, str]],
-                      message_id: str) -> None:
+def _prdr_final_reply(server: ESMTPServer, message_id: str) -> None:
     """Exim's final PRDR reply, computed with its bit arithmetic: OK=0,
     DEFER=1, FAIL=2, DISCARD=7."""
     values = {"accept": 0, "defer": 1, "deny": 2, "drop": 2, "error": 3, "discard": 7}
