@@ -27,6 +27,8 @@ class VerifyResult:
     defer: bool = False
     message: str | None = None
     router: str | None = None
+    #: The message is for the log only; the client gets Exim's default.
+    private: bool = False
 
 
 async def verify_condition(session: Any, value: str) -> tuple[str, str | None, str | None]:
@@ -40,7 +42,7 @@ async def verify_condition(session: Any, value: str) -> tuple[str, str | None, s
         if result.ok:
             return OK, None, None
         if result.defer:
-            return DEFER, result.message, result.message
+            return DEFER, None if result.private else result.message, result.message
         return FAIL, result.message or "Unrouteable address", result.message or \
             "Unrouteable address"
     if what.startswith("sender"):
@@ -207,9 +209,11 @@ async def _try_router(router: Any, ctx: Any, address: str, recipient: bool
     except ForcedFailure:
         return None
     except ListDefer as e:
-        return VerifyResult(False, defer=True, message=e.message, router=router.name)
+        return VerifyResult(False, defer=True, message=e.message, router=router.name,
+                            private=True)
     except ExpansionError as e:
-        return VerifyResult(False, defer=True, message=e.message, router=router.name)
+        return VerifyResult(False, defer=True, message=e.message, router=router.name,
+                            private=True)
     return await _driver_decision(router, ctx, address)
 
 
@@ -221,16 +225,32 @@ async def _driver_decision(router: Any, ctx: Any, address: str) -> VerifyResult 
         except ForcedFailure:
             return None
         except ExpansionError as e:
-            return VerifyResult(False, defer=True, message=e.message, router=router.name)
+            return VerifyResult(False, defer=True, message=e.message, router=router.name,
+                                private=True)
         if data is None or not data.strip():
             return None
         text = data.strip()
-        for special, result in ((":fail:", False), (":defer:", None), (":blackhole:", True)):
-            if text.startswith(special):
-                reason = text[len(special):].strip() or None
-                if result is None:
-                    return VerifyResult(False, defer=True, message=reason, router=router.name)
-                return VerifyResult(result, message=reason, router=router.name)
+        # Each special needs its permission (allow_fail, allow_defer; not
+        # forbid_blackhole), else the redirect data is in error: a defer.
+        for special, result, permitted in (
+                (":fail:", False, router.get("allow_fail", False)),
+                (":defer:", None, router.get("allow_defer", False)),
+                (":blackhole:", True, not router.get("forbid_blackhole", False))):
+            if not text.startswith(special):
+                continue
+            if not permitted:
+                item = text[:find_address_end(text)].rstrip()
+                return VerifyResult(False, defer=True, router=router.name, private=True,
+                                    message=f'error in redirect data: "{item}" is not '
+                                            f'permitted')
+            reason = text[len(special):].strip() or None
+            if result is None:
+                return VerifyResult(False, defer=True, message=reason or "forced defer",
+                                    router=router.name)
+            if result is False:
+                return VerifyResult(False, message=reason or "forced rejection",
+                                    router=router.name)
+            return VerifyResult(True, message=reason, router=router.name)
         return VerifyResult(True, router=router.name)
     if driver == "ipliteral":
         domain = ctx.variables["domain"]
