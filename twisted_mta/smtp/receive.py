@@ -18,6 +18,10 @@ from twisted_mta.smtp.replies import printing, user_reply
 if TYPE_CHECKING:
     from twisted_mta.smtp.server import ESMTPServer
 
+FAKE_RESPONSE_TEXT = ("Your message has been rejected but is being kept for evaluation.\n"
+                      "If it was a legitimate message, it may still be delivered to the "
+                      "target recipient(s).")
+
 _PRDR_TEXT = {"accept": ("250", "acceptance"), "discard": ("250", "acceptance"),
               "defer": ("450", "temporary refusal")}
 
@@ -245,19 +249,36 @@ def _prdr_final_reply(server: ESMTPServer, message_id: str) -> None:
         code, text = "250", "accepted"
     else:
         code, text = "250", "accepted for some recipients"
-    server.reply(code, f"id={message_id} message {text}")
+    fake = _fake_response(server)
+    if fake is not None and code == "250":
+        server.reply(*fake)
+    else:
+        server.reply(code, f"id={message_id} message {text}")
 
 
 def _final_reply(server: ESMTPServer, outcome: Any, message_id: str,
                  chunked: bool = False) -> None:
-    if chunked:
-        # The last BDAT's own acknowledgement comes first, as in Exim.
-        server.send(f"250- {server.last_chunk_size} byte chunk, total "
-                    f"{server.chunked_total}\r\n".encode())
-    if outcome is not None and outcome.user_message:
+    fake = _fake_response(server)
+    if fake is not None:
+        server.reply(*fake)
+    elif outcome is not None and outcome.user_message:
         server.user_reply("250", outcome.user_message)
     else:
+        if chunked:
+            # The last BDAT's own acknowledgement comes first, as in Exim.
+            server.send(f"250- {server.last_chunk_size} byte chunk, total "
+                        f"{server.chunked_total}\r\n".encode())
         server.reply("250", f"OK id={message_id}")
+
+
+def _fake_response(server: ESMTPServer) -> tuple[str, str] | None:
+    """(code, text) when ``control = fakereject`` or ``fakedefer`` was set:
+    the message is kept but the client is told otherwise."""
+    controls = server.transaction.controls
+    for name, code in (("fakereject", "550"), ("fakedefer", "450")):
+        if name in controls:
+            return code, controls[name] or FAKE_RESPONSE_TEXT
+    return None
 
 
 def reception_log_line(server: ESMTPServer, message: IncomingMessage, prdr: bool) -> str:
@@ -265,7 +286,10 @@ def reception_log_line(server: ESMTPServer, message: IncomingMessage, prdr: bool
     txn = server.transaction
     selector = server.selector()
     variables = server.vars
-    parts = [f"<= {txn.sender or '<>'}"]
+    # A fakereject message is logged "(=": kept, but refused as far as the
+    # client knows.
+    arrow = "(=" if "fakereject" in txn.controls else "<="
+    parts = [f"{arrow} {txn.sender or '<>'}"]
     host = server.host_and_ident(True)
     if server.sender_host_address:
         parts.append(host)

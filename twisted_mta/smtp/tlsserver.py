@@ -4,8 +4,10 @@ as Exim 4.92 and later make one so STARTTLS always works."""
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -52,6 +54,8 @@ class SessionTLS:
     def _fallback_certificate(self) -> tuple[str, str]:
         if self._self_signed is None:
             directory = tempfile.mkdtemp(prefix="exim-py-tls-")
+            # The pair is made afresh by each process; don't leave it behind.
+            atexit.register(shutil.rmtree, directory, True)
             self._self_signed = make_self_signed(self.config.get("primary_hostname"), directory)
         return self._self_signed
 
