@@ -240,3 +240,38 @@ class PrdrReplyTests(_TempDirCase):
                                   r"250 PRDR R=<a@test.ex> acceptance\r\n"
                                   r"550-5.7.1 not for b\r\n550 5.7.1 really\r\n"
                                   r"250 id=\S+ message accepted for some recipients\r\n\Z")
+
+
+class LogRejectTargetTests(_TempDirCase):
+    """The log_reject_target modifier, as exim4 -bh logs it."""
+
+    CONFIG = """acl_smtp_rcpt = r
+begin acl
+r:
+  deny local_parts = quiet
+       log_reject_target =
+  deny local_parts = mainonly
+       log_reject_target = main
+  deny local_parts = bogus
+       log_reject_target = main : bogus
+  accept
+"""
+
+    def rejected(self, local_part: str) -> list[str]:
+        harness = Harness(config_from_text(self.CONFIG), self.tmp)
+        harness.connect()
+        say(harness, "EHLO x", "MAIL FROM:<a@b.c>", f"RCPT TO:<{local_part}@test.ex>")
+        self.assertTrue(harness.output().endswith(b"550 Administrative prohibition\r\n"))
+        return harness.log_lines()
+
+    def test_no_log(self) -> None:
+        self.assertEqual(self.rejected("quiet"), [])
+
+    def test_main_only(self) -> None:
+        self.assertEqual(self.rejected("mainonly"),
+                         ["H=(x) [127.0.0.1] F=<a@b.c> rejected RCPT <mainonly@test.ex>"])
+
+    def test_unknown_name(self) -> None:
+        self.assertEqual(self.rejected("bogus"),
+                         ['unknown log name "bogus" in "log_reject_target" in RCPT ACL',
+                          "H=(x) [127.0.0.1] F=<a@b.c> rejected RCPT <bogus@test.ex>"])

@@ -174,6 +174,7 @@ class ESMTPServer(smtp.ESMTP):
         self.chunking_used = False
         self.helo_accept_junk = False
         self.pipe_connect_acceptable = False
+        self.reject_targets: tuple[str, ...] = ("main", "reject")
         # Set by the daemon: this connection's place in its count.
         self.connection_count = 0
         self.log_connections = False
@@ -763,6 +764,7 @@ class ESMTPServer(smtp.ESMTP):
         option, default, _, _ = _ACL_WHERE[where]
         self.acl_session.where = where
         self.ratelimit_cmd_state.clear()
+        self.reject_targets = ("main", "reject")
         text = self.config.get(option)
         if where == "prdr" and text is None:
             text = "accept"
@@ -803,9 +805,9 @@ class ESMTPServer(smtp.ESMTP):
             self.reply(code, "Temporary local problem - please try later")
         log_text = f": {log_msg.split(chr(10))[0]}" if log_msg else ""
         temporarily = "" if failed else "temporarily "
-        if where != "connect" or "connection_reject" in self.selector() or True:
+        if self.reject_targets:  # the ACL's log_reject_target
             self.log_write(f"{self.host_and_ident(True)} {sender_info}{temporarily}rejected "
-                           f"{what}{log_text}", ("main", "reject"),
+                           f"{what}{log_text}", self.reject_targets,
                            message_id=self.vars.get("message_exim_id")
                            if where in ("data", "prdr") else None)
         if drop:

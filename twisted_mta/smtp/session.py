@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from twisted_mta.acl.engine import DEFER, ERROR, FAIL, OK, AclSession
-from twisted_mta.values import parse_time
+from twisted_mta.values import parse_time, split_list
 
 if TYPE_CHECKING:
     from twisted_mta.smtp.server import ESMTPServer
@@ -149,6 +149,9 @@ class SmtpAclSession(AclSession):
         if name == "add_header":
             txn.add_headers.append(value)
             return None
+        if name == "log_reject_target":
+            server.reject_targets = self._log_targets(value)
+            return None
         if name == "remove_header":
             txn.remove_headers.extend(v.strip() for v in value.split(":") if v.strip())
             return None
@@ -162,6 +165,19 @@ class SmtpAclSession(AclSession):
             await server.delay(seconds)
             return None
         return None
+
+    def _log_targets(self, value: str) -> tuple[str, ...]:
+        """The logs a log_reject_target list names, in Exim's order; an
+        unknown name means the default pair (and a panic line)."""
+        names = set()
+        for item in split_list(value):
+            if item in ("main", "panic", "reject"):
+                names.add(item)
+            else:
+                names.update(("main", "reject"))
+                self.server.log_write(f'unknown log name "{item}" in "log_reject_target" in '
+                                      f'{self.where.upper()} ACL', ("main", "panic"))
+        return tuple(n for n in ("main", "reject", "panic") if n in names)
 
     def _control(self, value: str) -> str | None:
         name, _, arg = value.partition("/")
