@@ -11,6 +11,7 @@ ones against the real daemon.
 from __future__ import annotations
 
 import base64
+import socket
 from typing import Any
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -275,3 +276,32 @@ r:
         self.assertEqual(self.rejected("bogus"),
                          ['unknown log name "bogus" in "log_reject_target" in RCPT ACL',
                           "H=(x) [127.0.0.1] F=<a@b.c> rejected RCPT <bogus@test.ex>"])
+
+
+class UdpsendTests(_TempDirCase):
+    """The udpsend modifier sends one datagram; a real UDP socket on
+    loopback receives it."""
+
+    def rcpt_with(self, modifier: str) -> tuple[bytes, list[str]]:
+        config = config_from_text(f"acl_smtp_rcpt = r\nbegin acl\nr:\n  accept {modifier}\n")
+        harness = Harness(config, self.tmp)
+        harness.connect()
+        say(harness, "EHLO x", "MAIL FROM:<a@b.c>", "RCPT TO:<u@test.ex>")
+        return harness.output(), harness.log_lines()
+
+    def test_datagram_sent(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+            receiver.bind(("127.0.0.1", 0))
+            receiver.settimeout(5)
+            port = receiver.getsockname()[1]
+            reply, _ = self.rcpt_with(f"udpsend = 127.0.0.1 : {port} : rcpt $local_part")
+            self.assertTrue(reply.endswith(b"250 Accepted\r\n"), reply)
+            self.assertEqual(receiver.recv(100), b" rcpt u")
+
+    def test_bad_arguments(self) -> None:
+        for value, error in (("127.0.0.1", "missing destination port"),
+                             ("127.0.0.1 : x9 : hi", "bad destination port")):
+            reply, log = self.rcpt_with(f"udpsend = {value}")
+            self.assertTrue(reply.endswith(b"451 Temporary local problem - please try "
+                                           b"later\r\n"), reply)
+            self.assertIn(f'{error} in "udpsend" modifier', log[-1])

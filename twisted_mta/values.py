@@ -99,25 +99,48 @@ def split_list_with(rest: str, sep: str) -> list[str]:
     """Split *rest* on the given separator (no ``<c`` prefix processing)."""
     items: list[str] = []
     pos = 0
-    n = len(rest)
     while True:
-        while pos < n and rest[pos].isspace() and rest[pos] != sep:
-            pos += 1
-        if pos >= n:
+        item, pos = _next_item(rest, sep, pos)
+        if item is None:
             return items
-        chunk: list[str] = []
-        while pos < n:
-            c = rest[pos]
-            if c == sep:
-                if pos + 1 < n and rest[pos + 1] == sep:
-                    chunk.append(sep)
-                    pos += 2
-                    continue
-                pos += 1
-                break
-            chunk.append(c)
+        items.append(item)
+
+
+def take_list_items(text: str, count: int, default: str = ":") -> tuple[list[str], str]:
+    """The first *count* items of a list and the unparsed rest after them,
+    as repeated ``string_nextinlist()`` calls leave it (``udpsend``)."""
+    sep, rest = list_separator(text, default)
+    items: list[str] = []
+    pos = 0
+    while len(items) < count:
+        item, pos = _next_item(rest, sep, pos)
+        if item is None:
+            break
+        items.append(item)
+    return items, rest[pos:]
+
+
+def _next_item(rest: str, sep: str, pos: int) -> tuple[str | None, int]:
+    """The item starting at *pos* (None at the end) and where the next one
+    starts; a doubled separator is a literal one."""
+    n = len(rest)
+    while pos < n and rest[pos].isspace() and rest[pos] != sep:
+        pos += 1
+    if pos >= n:
+        return None, pos
+    chunk: list[str] = []
+    while pos < n:
+        c = rest[pos]
+        if c == sep:
+            if pos + 1 < n and rest[pos + 1] == sep:
+                chunk.append(sep)
+                pos += 2
+                continue
             pos += 1
-        items.append("".join(chunk).rstrip())
+            break
+        chunk.append(c)
+        pos += 1
+    return "".join(chunk).rstrip(), pos
 
 
 def interpret_escape(s: str, i: int) -> tuple[str, int]:

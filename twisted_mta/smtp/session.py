@@ -7,12 +7,16 @@ verification, dnslists and ratelimit.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from twisted_mta.acl.engine import DEFER, ERROR, FAIL, OK, AclSession
-from twisted_mta.values import parse_time, split_list
+from twisted_mta.dns import DnsError
+from twisted_mta.lists import parse_ip
+from twisted_mta.lists.hosts import forward_addresses
+from twisted_mta.values import parse_time, split_list, take_list_items
 
 if TYPE_CHECKING:
     from twisted_mta.smtp.server import ESMTPServer
@@ -149,6 +153,8 @@ class SmtpAclSession(AclSession):
         if name == "add_header":
             txn.add_headers.append(value)
             return None
+        if name == "udpsend":
+            return await self._udpsend(value)
         if name == "log_reject_target":
             server.reject_targets = self._log_targets(value)
             return None
@@ -164,6 +170,36 @@ class SmtpAclSession(AclSession):
                 return None
             await server.delay(seconds)
             return None
+        return None
+
+    async def _udpsend(self, value: str) -> str | None:
+        """``udpsend = host : port : payload``: one datagram, sent without
+        waiting (UDP sends do not block)."""
+        items, payload = take_list_items(value, 2)
+        if not items:
+            return 'missing destination host in "udpsend" modifier'
+        if len(items) < 2:
+            return 'missing destination port in "udpsend" modifier'
+        host, port_text = items
+        if not port_text.isdigit():
+            return 'bad destination port in "udpsend" modifier'
+        address = host
+        if parse_ip(host) is None:
+            try:
+                address = (await forward_addresses(host, self.server.ctx))[0]
+            except (DnsError, IndexError):
+                return 'DNS lookup failed in "udpsend" modifier'
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)
+                sent = sock.sendto(payload.encode("latin-1", "replace"),
+                                   (address, int(port_text)))
+        except OSError as e:
+            return f'"udpsend" failed: {e.strerror or e}'
+        if sent < len(payload):
+            return f'"udpsend" truncated from {len(payload)} to {sent} octets'
+        self.server.trace(f"udpsend [{address}]:{port_text} {payload}")
         return None
 
     def _log_targets(self, value: str) -> tuple[str, ...]:
