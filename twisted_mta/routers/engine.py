@@ -1,0 +1,418 @@
+"""Routing an address through the routers, as Exim's route.c does.
+
+L{route_address} runs the routers in order: each one's generic
+preconditions (in Exim's order, section 4.2 of the reference), then its
+driver, then the generic options that apply once a router has accepted.
+The same engine serves delivery, ``verify = recipient|sender`` in ACLs and
+``-bt``/``-bv``; the mode says which preconditions apply.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted_mta.expand.errors import ExpansionError, ForcedFailure
+from twisted_mta.lists import ListDefer, match_list
+from twisted_mta.queue.address import DeliveryAddress
+
+# What a router (or the whole routing) decided.
+ACCEPT, PASS, DECLINE, FAIL, DEFER = "accept", "pass", "decline", "fail", "defer"
+
+# Modes: a real delivery, an ACL's verify, -bt (address_test), EXPN.
+DELIVER, VERIFY_RECIPIENT, VERIFY_SENDER, ADDRESS_TEST, EXPN = (
+    "deliver", "verify_recipient", "verify_sender", "address_test", "expn")
+
+_ROUTING_VARIABLES = ("local_part", "domain", "local_part_prefix", "local_part_suffix",
+                      "local_part_prefix_v", "local_part_suffix_v", "local_part_data",
+                      "domain_data", "address_data", "home", "local_user_uid",
+                      "local_user_gid", "original_local_part", "original_domain",
+                      "parent_local_part", "parent_domain", "router_name")
+
+
+@dataclass
+class RouterResult:
+    """A driver's decision. *children* are generated addresses (redirect);
+    *message* is the reason for a fail or defer."""
+
+    kind: str
+    message: str | None = None
+    children: list[DeliveryAddress] = field(default_factory=list)
+    #: Shown to the SMTP client when verifying (Exim's af_pass_message).
+    pass_message: bool = False
+
+
+@dataclass
+class Routed:
+    """The outcome of routing one address: the router that decided (None
+    when none did), and the addresses to deliver (the address itself, or the
+    children a redirect generated, routed in their turn)."""
+
+    kind: str
+    address: DeliveryAddress
+    router: str | None = None
+    message: str | None = None
+    pass_message: bool = False
+    deliveries: list[DeliveryAddress] = field(default_factory=list)
+    #: The addresses that failed or were deferred among the children.
+    problems: list[DeliveryAddress] = field(default_factory=list)
+
+
+@dataclass
+class RoutingContext:
+    """What routing needs: the configuration, an expansion context whose
+    variables describe the message, the mode, and the sender."""
+
+    config: Any
+    ctx: Any
+    mode: str = DELIVER
+    sender: str = ""
+    #: Addresses already routed in this delivery (their ``unique``), for
+    #: the duplicate check.
+    seen: set[str] = field(default_factory=set)
+
+    @property
+    def verifying(self) -> bool:
+        return self.mode in (VERIFY_RECIPIENT, VERIFY_SENDER)
+
+
+class _Skip(Exception):
+    """A precondition is not met: try the next router."""
+
+
+class _Defer(Exception):
+    """A precondition could not be tested: the address is deferred."""
+
+
+def _drivers() -> dict[str, Any]:
+    from twisted_mta.routers import drivers
+
+    return drivers()
+
+
+async def route_address(rctx: RoutingContext, address: DeliveryAddress,
+                        start: str | None = None, depth: int = 0) -> Routed:
+    """Route *address* from the first router (or router *start*), and
+    route any children it generates in their turn."""
+    config = rctx.config
+    routers = list(config.routers)
+    index = 0
+    if start is not None:
+        index = next((i for i, r in enumerate(routers) if r.name == start), 0)
+    saved = {n: rctx.ctx.variables.get(n) for n in _ROUTING_VARIABLES}
+    try:
+        while index < len(routers):
+            router = routers[index]
+            index += 1
+            if _routed_by_ancestor(router, address):
+                continue
+            _set_address_variables(rctx, address)
+            try:
+                await _check_preconditions(rctx, router, address)
+            except _Skip:
+                continue
+            except _Defer as e:
+                return Routed(DEFER, address, router.name, str(e))
+            driver = _drivers().get(router.driver or "")
+            if driver is None:
+                return Routed(DEFER, address, router.name,
+                              f'unknown router driver "{router.driver}"')
+            try:
+                result = await driver.route(router, address, rctx)
+            except ExpansionError as e:
+                result = RouterResult(DEFER, e.message)
+            if result.kind == PASS:
+                target = router.get("pass_router")
+                if target:
+                    index = next((i for i, r in enumerate(routers) if r.name == target), index)
+                continue
+            if result.kind == DECLINE:
+                if not await _more(rctx, router):
+                    break
+                continue
+            if result.kind in (FAIL, DEFER):
+                return Routed(result.kind, address, router.name, result.message,
+                              result.pass_message)
+            address.router = router.name
+            try:
+                await _apply_generic_options(rctx, router, address)
+            except _Defer as e:
+                return Routed(DEFER, address, router.name, str(e))
+            if result.children:
+                return await _route_children(rctx, router, address, result, depth)
+            return Routed(ACCEPT, address, router.name, deliveries=[address])
+        message = None
+        if routers:
+            message = await _cannot_route_message(rctx, routers[min(index, len(routers)) - 1])
+        return Routed(FAIL, address, None, message or "Unrouteable address", True)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                rctx.ctx.variables.pop(name, None)
+            else:
+                rctx.ctx.variables[name] = value
+
+
+async def _route_children(rctx: RoutingContext, router: Any, parent: DeliveryAddress,
+                          result: RouterResult, depth: int) -> Routed:
+    routed = Routed(ACCEPT, parent, router.name)
+    if depth > 20:
+        return Routed(DEFER, parent, router.name, "too many levels of redirection")
+    start = router.get("redirect_router")
+    for child in result.children:
+        if child.pipe_command is not None or child.file_path is not None \
+                or child.discarded is not None:
+            child.router = router.name
+            if child.unique not in rctx.seen:
+                rctx.seen.add(child.unique)
+                routed.deliveries.append(child)
+            continue
+        if child.unique in rctx.seen:
+            continue
+        rctx.seen.add(child.unique)
+        sub = await route_address(rctx, child, start, depth + 1)
+        routed.deliveries.extend(sub.deliveries)
+        routed.problems.extend(sub.problems)
+        if sub.kind in (FAIL, DEFER):
+            child.status = "failed" if sub.kind == FAIL else "deferred"
+            child.message = sub.message
+            routed.problems.append(child)
+    return routed
+
+
+def _routed_by_ancestor(router: Any, address: DeliveryAddress) -> bool:
+    """Loop protection: skip a router that routed an ancestor with the same
+    address (any ancestor, with ``no_repeat_use``)."""
+    parent = address.parent
+    while parent is not None:
+        if parent.router == router.name:
+            if not router.get("repeat_use", True):
+                return True
+            if parent.address.lower() == address.address.lower():
+                return True
+        parent = parent.parent
+    return False
+
+
+def _set_address_variables(rctx: RoutingContext, address: DeliveryAddress) -> None:
+    variables = rctx.ctx.variables
+    variables["local_part"] = address.local_part
+    variables["domain"] = address.domain
+    variables["router_name"] = ""
+    top = address.top
+    variables["original_local_part"] = top.local_part
+    variables["original_domain"] = top.domain
+    if address.parent is not None:
+        variables["parent_local_part"] = address.parent.local_part
+        variables["parent_domain"] = address.parent.domain
+    for name in ("local_part_prefix", "local_part_suffix", "local_part_prefix_v",
+                 "local_part_suffix_v", "local_part_data", "domain_data", "home",
+                 "local_user_uid", "local_user_gid"):
+        variables.pop(name, None)
+    if address.address_data is not None:
+        variables["address_data"] = address.address_data
+    else:
+        variables.pop("address_data", None)
+
+
+async def _expand(rctx: RoutingContext, router: Any, option: str) -> str | None:
+    value = router.get(option)
+    if value is None:
+        return None
+    try:
+        return await rctx.ctx.expand(str(value))
+    except ForcedFailure:
+        raise _Skip() from None
+    except ExpansionError as e:
+        raise _Defer(f'failed to expand "{value}" ({option}): {e.message}') from None
+
+
+async def _match(rctx: RoutingContext, router: Any, option: str, subject: str,
+                 kind: str) -> Any:
+    text = await _expand(rctx, router, option)
+    if text is None:
+        return True
+    try:
+        return await match_list(subject, text, kind, rctx.ctx)
+    except ListDefer as e:
+        raise _Defer(e.message) from None
+
+
+async def _check_preconditions(rctx: RoutingContext, router: Any,
+                               address: DeliveryAddress) -> None:
+    """Exim's check_router_conditions(), in its order; raises _Skip or _Defer."""
+    variables = rctx.ctx.variables
+    variables["router_name"] = router.name
+    _strip_affixes(router, address, variables)
+    mode = rctx.mode
+    if mode == VERIFY_RECIPIENT and not (router.get("verify_recipient", True)
+                                         and router.options.get("verify", True)):
+        raise _Skip()
+    if mode == VERIFY_SENDER and not (router.get("verify_sender", True)
+                                      and router.options.get("verify", True)):
+        raise _Skip()
+    if mode == ADDRESS_TEST and not router.get("address_test", True):
+        raise _Skip()
+    if router.get("verify_only") and not rctx.verifying:
+        raise _Skip()
+    if mode == EXPN and not router.get("expn", True):
+        raise _Skip()
+    found = await _match(rctx, router, "domains", address.domain, "domain")
+    if found is None:
+        raise _Skip()
+    if found is not True:
+        variables["domain_data"] = found.value
+    local_part = variables["local_part"]
+    found = await _match(rctx, router, "local_parts", local_part, "localpart")
+    if found is None:
+        raise _Skip()
+    if found is not True:
+        variables["local_part_data"] = found.value
+    if router.get("check_local_user"):
+        try:
+            entry = pwd.getpwnam(local_part)
+        except KeyError:
+            raise _Skip() from None
+        variables["home"] = entry.pw_dir
+        variables["local_user_uid"] = str(entry.pw_uid)
+        variables["local_user_gid"] = str(entry.pw_gid)
+        address.home_directory = entry.pw_dir
+    home = await _expand(rctx, router, "router_home_directory")
+    if home is not None:
+        variables["home"] = home
+        address.home_directory = home
+    found = await _match(rctx, router, "senders", rctx.sender, "address")
+    if found is None:
+        raise _Skip()
+    await _check_require_files(rctx, router)
+    condition = router.get("condition")
+    if condition is not None:
+        from twisted_mta.expand.operators import parse_bool
+
+        value = await _expand(rctx, router, "condition")
+        if not parse_bool(value or "", False):
+            raise _Skip()
+    address_data = router.get("address_data")
+    if address_data is not None:
+        address.address_data = await _expand(rctx, router, "address_data")
+        variables["address_data"] = address.address_data or ""
+
+
+def _strip_affixes(router: Any, address: DeliveryAddress, variables: dict) -> None:
+    """local_part_prefix / local_part_suffix: a missing mandatory affix
+    skips the router; a present one is removed for the remaining tests."""
+    from twisted_mta.values import split_list
+
+    local_part = address.local_part
+    for option, is_prefix in (("local_part_prefix", True), ("local_part_suffix", False)):
+        text = router.get(option)
+        if text is None:
+            continue
+        found = None
+        for item in split_list(str(text)):
+            found = (_find_prefix if is_prefix else _find_suffix)(local_part, item)
+            if found is not None:
+                break
+        if found is None:
+            if not router.get(f"{option}_optional"):
+                raise _Skip()
+            continue
+        local_part = local_part[len(found):] if is_prefix else local_part[:-len(found)]
+        variables[option] = found
+        if is_prefix:
+            address.prefix = found
+        else:
+            address.suffix = found
+    variables["local_part"] = local_part
+
+
+def _find_prefix(local_part: str, item: str) -> str | None:
+    """The prefix *item* finds at the start of *local_part*, caselessly; a
+    leading wildcard (``*-``) reaches to the last ``-``, as Exim's
+    route_check_prefix()."""
+    lower = local_part.lower()
+    if item.startswith("*"):
+        fixed = item[1:].lower()
+        pos = lower.rfind(fixed)
+        return local_part[:pos + len(fixed)] or None if pos >= 0 else None
+    return local_part[:len(item)] or None if lower.startswith(item.lower()) else None
+
+
+def _find_suffix(local_part: str, item: str) -> str | None:
+    """The suffix *item* finds at the end; a trailing wildcard (``-*``)
+    reaches back to the first ``-`` (route_check_suffix())."""
+    lower = local_part.lower()
+    if item.endswith("*"):
+        fixed = item[:-1].lower()
+        pos = lower.find(fixed)
+        return local_part[pos:] or None if pos >= 0 else None
+    if len(local_part) > len(item) and lower.endswith(item.lower()):
+        return local_part[len(local_part) - len(item):] or None
+    return None
+
+
+async def _check_require_files(rctx: RoutingContext, router: Any) -> None:
+    text = await _expand(rctx, router, "require_files")
+    if text is None:
+        return
+    from twisted_mta.values import split_list
+
+    for item in split_list(text):
+        negated = item.startswith("!")
+        path = item[1:] if negated else item
+        if not path.startswith("/"):
+            continue  # a user or group for the checks that follow
+        if os.path.exists(path) == negated:
+            raise _Skip()
+
+
+async def _more(rctx: RoutingContext, router: Any) -> bool:
+    value = router.get("more", True)
+    if isinstance(value, str):
+        from twisted_mta.expand.operators import parse_bool
+
+        try:
+            return parse_bool(await rctx.ctx.expand(value), True)
+        except ExpansionError:
+            return True
+    return bool(value)
+
+
+async def _cannot_route_message(rctx: RoutingContext, router: Any) -> str | None:
+    text = router.get("cannot_route_message")
+    if text is None:
+        return None
+    try:
+        return await rctx.ctx.expand(str(text))
+    except ExpansionError:
+        return None
+
+
+async def _apply_generic_options(rctx: RoutingContext, router: Any,
+                                 address: DeliveryAddress) -> None:
+    """After the driver accepted: errors_to, headers_add/remove, the
+    transport (a driver's own choice stands), dsn_lasthop."""
+    errors_to = router.get("errors_to")
+    if errors_to is not None:
+        try:
+            value = await rctx.ctx.expand(str(errors_to))
+        except ForcedFailure:
+            value = None
+        except ExpansionError:
+            value = None
+        if value is not None:
+            address.errors_to = value
+    for option, target in (("headers_add", address.headers_add),
+                           ("headers_remove", address.headers_remove)):
+        value = router.get(option)
+        if value is not None:
+            target.append(str(value))
+    if address.transport is None and address.pipe_command is None \
+            and address.file_path is None:
+        name = await _expand(rctx, router, "transport")
+        if name:
+            address.transport = name
+    if router.get("dsn_lasthop"):
+        address.dsn_lasthop = True
