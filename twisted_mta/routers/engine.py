@@ -326,6 +326,7 @@ def _strip_affixes(router: Any, address: DeliveryAddress, variables: dict) -> No
         else:
             address.suffix = found
     variables["local_part"] = local_part
+    address.extra["routed_local_part"] = local_part
 
 
 def _find_prefix(local_part: str, item: str) -> str | None:

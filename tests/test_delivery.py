@@ -1,0 +1,207 @@
+"""Delivering a spooled message (twisted_mta.queue.deliver): routing each
+recipient, the journal, the rewritten -H file, ``Completed``, and the
+``=>``/``**``/``==`` log lines, with a recording transport in memory."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import unittest
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from twisted_mta.config import parse_config_text
+from twisted_mta.log import EximLog, SyncLogWriter
+from twisted_mta.queue.address import DeliveryAddress
+from twisted_mta.queue.deliver import (
+    COMPLETED,
+    FROZEN,
+    INCOMPLETE,
+    LOCKED,
+    DeliverySettings,
+    MessageDelivery,
+)
+from twisted_mta.spool.message import Recipient, SpoolHeader, SpoolMessage
+from twisted_mta.spool.store import Spool
+from twisted_mta.spool.tree import tree_names
+
+MESSAGE_ID = "1xa0Ih-00035i-29"
+NOW = 1_790_000_000
+
+CONFIG = r"""
+primary_hostname = myhost.test.ex
+qualify_domain = test.ex
+log_selector = +deliver_time
+begin routers
+fails:
+  driver = redirect
+  allow_fail
+  local_parts = gone
+  data = :fail: no longer here
+aliases:
+  driver = redirect
+  local_parts = team
+  data = alice, bob, |/bin/true
+  pipe_transport = record
+local:
+  driver = accept
+  domains = test.ex
+  transport = record
+begin transports
+record:
+  driver = pipe
+"""
+
+
+class RecordingTransport:
+    """Delivers by remembering; local parts starting "later" defer."""
+
+    name = "recorder"
+    local = True
+
+    def __init__(self) -> None:
+        self.delivered: list[str] = []
+
+    async def deliver(self, instance: Any, job: Any) -> None:
+        for address in job.addresses:
+            if address.local_part.startswith("later"):
+                address.defer("try again", errno=0)
+            else:
+                self.delivered.append(address.address)
+                address.succeed()
+
+
+def run(coroutine: Any) -> Any:
+    results: list[Any] = []
+    Deferred.fromCoroutine(coroutine).addBoth(results.append)
+    assert results, "the delivery waited for I/O"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+class DeliveryTests(unittest.TestCase):
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="exim-py-delivery-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.spool = Spool(self.tmp)
+        self.clock = Clock()
+        self.clock.advance(NOW + 60)
+        self.config = parse_config_text(CONFIG)
+        self.log_stream = io.StringIO()
+        self.log = EximLog.from_config(self.config, self.clock, 4242, SyncLogWriter(),
+                                       testing_stream=self.log_stream)
+        self.transport = RecordingTransport()
+        self.settings = DeliverySettings(self.config, self.spool, self.log, self.clock,
+                                         self.clock, transports={"pipe": self.transport})
+
+    def spool_message(self, *recipients: str, frozen: bool = False) -> None:
+        message = SpoolMessage(
+            id=MESSAGE_ID, sender="sender@example.com", received=(NOW, 0),
+            received_complete=(NOW, 100), received_protocol="esmtp",
+            recipients=[Recipient(r) for r in recipients],
+            headers=[SpoolHeader("Subject: test\n"), SpoolHeader("From: s@example.com\n", "F")],
+            frozen_at=NOW if frozen else None, deliver_firsttime=True, body_linecount=1)
+        self.spool.write_message(message, b"body\n")
+
+    def deliver(self, **kwargs: Any) -> Any:
+        return run(MessageDelivery(self.settings, MESSAGE_ID, **kwargs).run())
+
+    def log_lines(self) -> list[str]:
+        return [line[20:] for line in self.log_stream.getvalue().splitlines()]
+
+    def test_all_delivered(self) -> None:
+        self.spool_message("alice@test.ex", "bob@test.ex")
+        result = self.deliver()
+        self.assertEqual(result.outcome, COMPLETED)
+        self.assertEqual(self.transport.delivered, ["alice@test.ex", "bob@test.ex"])
+        self.assertEqual(self.spool.list_ids(), [])
+        self.assertEqual(self.log_lines(), [
+            f"{MESSAGE_ID} => alice <alice@test.ex> R=local T=record DT=0s",
+            f"{MESSAGE_ID} => bob <bob@test.ex> R=local T=record DT=0s",
+            f"{MESSAGE_ID} Completed"])
+
+    def test_deferred_recipient_stays(self) -> None:
+        self.spool_message("alice@test.ex", "later@test.ex")
+        result = self.deliver()
+        self.assertEqual(result.outcome, INCOMPLETE)
+        message = self.spool.read_header(MESSAGE_ID)
+        self.assertEqual(tree_names(message.non_recipients), ["alice@test.ex"])
+        self.assertFalse(message.deliver_firsttime)
+        self.assertFalse(os.path.exists(self.spool.locate(MESSAGE_ID).journal))
+        self.assertIn(f"{MESSAGE_ID} == later@test.ex R=local T=record defer (0) DT=0s: try again",
+                      self.log_lines())
+        # The next attempt delivers only what is left.
+        self.transport.delivered.clear()
+        self.deliver()
+        self.assertEqual(self.transport.delivered, [])
+
+    def test_failure_and_bounce_hook(self) -> None:
+        bounced: list[list[str]] = []
+
+        async def bounce(message: Any, failed: list[DeliveryAddress]) -> None:
+            bounced.append([a.address for a in failed])
+
+        self.settings.bounce = bounce
+        self.spool_message("gone@test.ex", "alice@test.ex")
+        result = self.deliver()
+        self.assertEqual(result.outcome, COMPLETED)
+        self.assertEqual(bounced, [["gone@test.ex"]])
+        self.assertIn(f"{MESSAGE_ID} ** gone@test.ex R=fails: no longer here", self.log_lines())
+
+    def test_redirect_children_and_pipe(self) -> None:
+        self.spool_message("team@test.ex")
+        self.deliver()
+        self.assertEqual(self.transport.delivered,
+                         ["alice@test.ex", "bob@test.ex", "|/bin/true"])
+        lines = self.log_lines()
+        self.assertIn(f"{MESSAGE_ID} => alice <team@test.ex> R=local T=record DT=0s", lines)
+        self.assertIn(f"{MESSAGE_ID} => |/bin/true <team@test.ex> R=aliases T=record DT=0s",
+                      lines)
+
+    def test_journal_from_a_crash_is_honoured(self) -> None:
+        self.spool_message("alice@test.ex", "bob@test.ex")
+        with open(self.spool.locate(MESSAGE_ID).journal, "w") as f:
+            f.write("alice@test.ex\n")
+        self.assertEqual(self.deliver().outcome, COMPLETED)
+        self.assertEqual(self.transport.delivered, ["bob@test.ex"])
+
+    def test_frozen_message_is_left(self) -> None:
+        self.spool_message("alice@test.ex", frozen=True)
+        self.assertEqual(self.deliver().outcome, FROZEN)
+        self.assertEqual(self.deliver(thaw=True).outcome, COMPLETED)
+        self.assertIn(f"{MESSAGE_ID} Unfrozen by forced delivery", self.log_lines())
+
+    def test_one_delivery_at_a_time(self) -> None:
+        self.spool_message("alice@test.ex")
+        self.settings.active.add(MESSAGE_ID)
+        self.assertEqual(self.deliver().outcome, LOCKED)
+
+    def test_lock_held_by_another_process(self) -> None:
+        import fcntl
+        import multiprocessing
+
+        self.spool_message("alice@test.ex")
+        path = self.spool.locate(MESSAGE_ID).data
+        ready, release = multiprocessing.Event(), multiprocessing.Event()
+
+        def hold() -> None:
+            fd = os.open(path, os.O_RDWR)
+            fcntl.lockf(fd, fcntl.LOCK_EX, 19, 0, os.SEEK_SET)
+            ready.set()
+            release.wait(10)
+
+        child = multiprocessing.get_context("fork").Process(target=hold)
+        child.start()
+        try:
+            self.assertTrue(ready.wait(10))
+            self.assertEqual(self.deliver().outcome, LOCKED)
+        finally:
+            release.set()
+            child.join(10)
+        self.assertEqual(self.deliver().outcome, COMPLETED)
