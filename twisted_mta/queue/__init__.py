@@ -1,0 +1,1 @@
+"""The message queue: delivery state, listing and operator actions."""
