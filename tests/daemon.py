@@ -116,10 +116,13 @@ class EximPyDaemon(Peer):
             "local_interfaces": "127.0.0.1",
             "spool_directory": self.spool_directory,
             "log_file_path": os.path.join(self.log_directory, "%slog"),
+            # Messages stay on the spool for the test to read, unless the
+            # test asks for delivery (no_queue_only).
+            "queue_only": "true",
         }
         head = "".join(
             f"{name} = {value}\n" for name, value in defaults.items()
-            if not re.search(rf"(?m)^\s*{name}\s*=", self.text))
+            if not re.search(rf"(?m)^\s*(no_)?{name}\b", self.text))
         return head + self.text
 
     def command(self) -> list[str]:

@@ -33,6 +33,7 @@ class Options(usage.Options):
     optParameters = [
         ["config", "C", DEFAULT_CONFIG, "The Exim configuration file to run."],
         ["ports", "X", None, "Override daemon_smtp_ports/local_interfaces (as -oX)."],
+        ["queue-interval", "q", None, "Start a queue run this often (as -q30m)."],
     ]
 
     def __init__(self) -> None:
@@ -182,11 +183,14 @@ class MTAService(service.MultiService):
     """The daemon: the configuration, the listeners, and (as they land)
     the queue runner and the manhole as child services."""
 
-    def __init__(self, config: Any, reactor: Any = None, ports: str | None = None) -> None:
+    def __init__(self, config: Any, reactor: Any = None, ports: str | None = None,
+                 queue_interval: int | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.ports_override = ports
+        self.queue_interval = queue_interval
+        self.queue_runner: Any = None
         self.listeners: list[Any] = []
         self.connections: dict[str, int] = {}
         self.total_connections = 0
@@ -274,6 +278,26 @@ class MTAService(service.MultiService):
             ratelimit_store=RatelimitStore(os.path.join(spool_directory, "db", "ratelimit"),
                                            run_io=self.threadpool.callInThread),
             tls=_server_tls(config))
+        self._build_queue_runner()
+
+    def _build_queue_runner(self) -> None:
+        from twisted_mta.queue.deliver import DeliverySettings
+        from twisted_mta.queue.runner import QueueRunner
+
+        settings = self.settings
+        delivery = DeliverySettings(self.config, settings.spool, settings.log, self.reactor,
+                                    self.reactor, threadpool=self.threadpool,
+                                    resolver=settings.resolver)
+        self.queue_runner = QueueRunner(delivery, interval=self.queue_interval)
+        self.queue_runner.setServiceParent(self)
+        settings.on_message = self.queue_runner.deliver_now
+
+    def _queue_info(self) -> str:
+        if not self.queue_interval:
+            return "no queue runs"
+        from twisted_mta.values import format_time
+
+        return f"-q{format_time(self.queue_interval)}"
 
     def startService(self) -> None:
         from twisted_mta.spool.recovery import recover
@@ -311,7 +335,7 @@ class MTAService(service.MultiService):
             described.append((address, host.port, port in tls_ports))
         self.listening = listening
         self.settings.log.write(
-            f"exim {EXIM_COMPAT_VERSION} daemon started: pid={os.getpid()}, no queue runs, "
+            f"exim {EXIM_COMPAT_VERSION} daemon started: pid={os.getpid()}, {self._queue_info()}, "
             f"listening for {describe_listeners(described)}", targets=("main",))
         super().startService()
 
@@ -349,7 +373,20 @@ class ServiceMaker:
 
     def makeService(self, options: Options) -> service.IService:
         config = load_or_exit(options["config"], options["defines"])
-        return MTAService(config, ports=options["ports"])
+        return MTAService(config, ports=options["ports"],
+                          queue_interval=parse_queue_interval(options["queue-interval"]))
+
+
+def parse_queue_interval(text: str | None) -> int | None:
+    """``30m`` (or ``-q30m``'s tail) to seconds; None when not given."""
+    from twisted_mta.values import parse_time
+
+    if not text:
+        return None
+    seconds = parse_time(text.removeprefix("-q"))
+    if seconds is None or seconds <= 0:
+        raise usage.UsageError(f'bad time value for the queue interval: "{text}"')
+    return seconds
 
 
 def load_or_exit(path: str, defines: dict[str, str] | None) -> Any:
@@ -362,12 +399,13 @@ def load_or_exit(path: str, defines: dict[str, str] | None) -> Any:
         raise SystemExit(1) from None
 
 
-def run_daemon(config: Any, ports: str | None = None, pid_file: str | None = None) -> int:
-    """``exim-py -bd``: the same service as the twistd plugin, in the
-    foreground."""
+def run_daemon(config: Any, ports: str | None = None, pid_file: str | None = None,
+               queue_interval: int | None = None) -> int:
+    """``exim-py -bd [-q30m]``: the same service as the twistd plugin, in
+    the foreground."""
     from twisted.internet import reactor
 
-    mta = MTAService(config, reactor=reactor, ports=ports)
+    mta = MTAService(config, reactor=reactor, ports=ports, queue_interval=queue_interval)
     if pid_file:
         with open(pid_file, "w") as f:
             f.write(f"{os.getpid()}\n")

@@ -109,9 +109,18 @@ async def receive_message(server: ESMTPServer, message: IncomingMessage, *,
     else:
         _final_reply(server, outcome, message_id, chunked)
         server.after_message_reply()
-    if kept and not server.host_checking and server.settings.on_message is not None:
+    if kept and not server.host_checking and server.settings.on_message is not None \
+            and not _queued(server):
         server.settings.on_message(message_id)
     server.finish_transaction(accepted=bool(kept))
+
+
+def _queued(server: ESMTPServer) -> bool:
+    """No delivery straight after reception: queue_only, smtp_accept_queue,
+    ``control = queue`` or a freeze."""
+    controls = server.transaction.controls
+    return bool("queue" in controls or "freeze" in controls or server.queue_only
+                or server.config.get("queue_only"))
 
 
 async def _received_header(server: ESMTPServer, received_time: float) -> str | None:

@@ -56,6 +56,7 @@ _ACL_WHERE = {  # where -> (option, default, reply code, log name)
     "mail": ("acl_smtp_mail", "accept", "550", "MAIL"),
     "rcpt": ("acl_smtp_rcpt", "deny", "550", "RCPT"),
     "predata": ("acl_smtp_predata", "accept", "550", "PREDATA"),
+    "mime": ("acl_smtp_mime", "accept", "550", "MIME"),
     "data": ("acl_smtp_data", "accept", "550", "DATA"),
     "prdr": ("acl_smtp_data_prdr", "accept", "550", "PRDR"),
     "vrfy": ("acl_smtp_vrfy", "deny", "252", "VRFY"),
@@ -175,8 +176,10 @@ class ESMTPServer(smtp.ESMTP):
         self.helo_accept_junk = False
         self.pipe_connect_acceptable = False
         self.reject_targets: tuple[str, ...] = ("main", "reject")
-        # Set by the daemon: this connection's place in its count.
+        # Set by the daemon: this connection's place in its count, and
+        # whether smtp_accept_queue leaves its messages on the queue.
         self.connection_count = 0
+        self.queue_only = False
         self.log_connections = False
         self.early_pipe_advertised = False
         self.early_pipe_used = False
@@ -780,6 +783,8 @@ class ESMTPServer(smtp.ESMTP):
         user_msg, log_msg = outcome.user_message, outcome.log_message
         if where == "predata":
             what = "DATA"
+        elif where == "mime":
+            what = "during MIME ACL checks"
         elif where == "data":
             what = "after DATA"
         elif where == "prdr":
@@ -790,7 +795,7 @@ class ESMTPServer(smtp.ESMTP):
                 place = place.split(" ", 1)[0]
             what = f"{where_name} {place[:100]}"
         sender_info = ""
-        if where in ("rcpt", "data"):
+        if where in ("rcpt", "data", "mime"):
             auth = ""
             if self.authenticated:
                 auth = f" A={self.authenticated}"
@@ -809,7 +814,7 @@ class ESMTPServer(smtp.ESMTP):
             self.log_write(f"{self.host_and_ident(True)} {sender_info}{temporarily}rejected "
                            f"{what}{log_text}", self.reject_targets,
                            message_id=self.vars.get("message_exim_id")
-                           if where in ("data", "prdr") else None)
+                           if where in ("data", "prdr", "mime") else None)
         if drop:
             if self.log_connections:
                 self.log_write(f"{self._connection_info()} closed by DROP in ACL")
