@@ -70,10 +70,24 @@ def parse_arguments(argv: Sequence[str]) -> Invocation:
             inv.pid_file, i = _attached_or_next(arg, 3, args, i)
         elif arg == "--version":
             inv.mode = "bV"
+        elif arg.startswith(("-bp", "-M")) and (queue := _queue_option(arg, args[i + 1:])):
+            inv.mode, ids, used = queue
+            inv.arguments.extend(ids)
+            i += used
         else:
             raise UsageError(f"exim-py: unknown or unsupported option {arg}")
         i += 1
     return inv
+
+
+def _queue_option(arg: str, following: list[str]) -> tuple[str, list[str], int] | None:
+    """``-bp...`` and ``-M...`` (see twisted_mta.queue.operations)."""
+    from twisted_mta.queue.operations import QueueUsageError, parse_queue_option
+
+    try:
+        return parse_queue_option(arg, following)
+    except QueueUsageError as e:
+        raise UsageError(str(e)) from None
 
 
 def _attached_or_next(arg: str, prefix: int, args: list[str], i: int) -> tuple[str, int]:
@@ -148,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from twisted_mta.hostcheck import local_session
 
         return local_session(config, sys.stdin.buffer, out, sys.stderr.buffer)
+    if inv.mode.startswith(("bp", "M")):
+        from twisted_mta.queue.operations import main_queue_command
+
+        return main_queue_command(config, inv.mode, inv.arguments)
     if inv.mode in ("bd", "bdf"):
         from twisted_mta.service import run_daemon
 

@@ -336,3 +336,31 @@ def extract_addresses(text: str, sep: str = ":") -> list[str]:
         if end >= len(text):
             return found
         pos = end + 1
+
+
+def qualify_addresses(text: str, domain: str) -> str | None:
+    """*text* (a header value of addresses) with ``@domain`` added to each
+    address that has none, as Exim qualifies the headers of a local
+    message; None when every address already has a domain."""
+    out: list[str] = []
+    changed = False
+    allow_group, found_group = True, False
+    pos = 0
+    while True:
+        end = find_address_end(text, pos)
+        item = text[pos:end]
+        parser = _Parser(item, allow_group)
+        parser.found_group = found_group
+        try:
+            address, domain_at, _start, address_end = parser.extract()
+        except AddressError:
+            address, domain_at = "", 1
+        if address and not domain_at:
+            item = f"{item[:address_end]}@{domain}{item[address_end:]}"
+            changed = True
+        out.append(item)
+        allow_group, found_group = parser.allow_group, parser.found_group
+        if end >= len(text):
+            return "".join(out) if changed else None
+        out.append(text[end])
+        pos = end + 1

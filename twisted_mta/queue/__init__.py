@@ -1,1 +1,1 @@
-"""The message queue: delivery state, listing and operator actions."""
+"""Delivering what is on the queue: addresses, retry rules and hints."""

@@ -172,6 +172,21 @@ class DataReader:
             size_read=self.size_read, too_big=self.too_big)
 
 
+def logged_message_id(headers: list[Header]) -> str | None:
+    """The Message-ID as the ``<=`` line's ``id=`` shows it: read as an
+    address (no angle brackets; domain literals allowed), None when there
+    is none or it does not parse."""
+    from twisted_mta.expand.addresses import AddressError, extract_address
+
+    for header in headers:
+        if header.flag == "I":
+            try:
+                return extract_address(header.value, allow_domain_literals=True)[0]
+            except AddressError:
+                return None
+    return None
+
+
 def _is_header_line(line: bytes) -> bool:
     colon = line.find(b":")
     if colon <= 0:

@@ -43,8 +43,8 @@ from twisted_mta.taint import Tainted, is_tainted
 from twisted_mta.values import interpret_escape
 
 __all__ = [
-    "SpoolFormatError", "format_header_file", "parse_header_file", "header_flag",
-    "header_type", "classify_headers", "printing", "unprinting",
+    "SpoolFormatError", "format_header_file", "parse_header_file", "parse_envelope",
+    "header_flag", "header_type", "classify_headers", "printing", "unprinting",
 ]
 
 # Exim refuses a -H file claiming more recipients than this.
@@ -567,6 +567,26 @@ def parse_header_file(data: bytes, expected_id: str | None = None) -> SpoolMessa
     come back tainted where Exim's would be: the sender, recipients,
     non-recipients and headers always, variables when marked ``--``.
     """
+    msg, r = _parse_envelope(data, expected_id)
+    r.in_headers = True
+    if r.line("blank line") != "\n":
+        raise r.error("no blank line before the headers")
+    msg.headers = _parse_headers(r)
+    return msg
+
+
+def parse_envelope(data: bytes, expected_id: str | None = None) -> tuple[SpoolMessage, int]:
+    """Read the envelope of a -H file (up to the last recipient) as
+    :func:`parse_header_file` does, and return it with the offset of what
+    follows: the blank line that should start the header section.  A fault
+    in the envelope raises :class:`SpoolFormatError`; the rest is not
+    looked at, so the caller can deal with a fault there as Exim's ``-bp``
+    does (it still lists the envelope)."""
+    msg, r = _parse_envelope(data, expected_id)
+    return msg, r.pos
+
+
+def _parse_envelope(data: bytes, expected_id: str | None) -> tuple[SpoolMessage, _Reader]:
     r = _Reader(data.decode("latin-1"))
     first = r.line("first line")
     if len(first) != MESSAGE_ID_LENGTH + 3 or not first.endswith("-H\n"):
@@ -608,8 +628,4 @@ def parse_header_file(data: bytes, expected_id: str | None = None) -> SpoolMessa
             raise r.error("empty recipient line")
         msg.recipients.append(_parse_recipient(line[:-1]))
 
-    r.in_headers = True
-    if r.line("blank line") != "\n":
-        raise r.error("no blank line before the headers")
-    msg.headers = _parse_headers(r)
-    return msg
+    return msg, r
