@@ -37,6 +37,15 @@ class Invocation:
     host: str = ""
     ports: str | None = None
     pid_file: str | None = None
+    #: -q30m: the daemon's queue-run interval (seconds); -qf / -qff.
+    queue_interval: int | None = None
+    queue_force: bool = False
+    queue_thaw: bool = False
+    #: -odb (default), -odi, -odq, -odf: what happens after -bm.
+    delivery_mode: str = "b"
+    extract_recipients: bool = False
+    dot_ends: bool = True
+    sender: str | None = None
 
 
 def parse_arguments(argv: Sequence[str]) -> Invocation:
@@ -70,6 +79,27 @@ def parse_arguments(argv: Sequence[str]) -> Invocation:
             inv.pid_file, i = _attached_or_next(arg, 3, args, i)
         elif arg == "--version":
             inv.mode = "bV"
+        elif arg.startswith("-q") and _queue_run_option(inv, arg):
+            pass
+        elif arg == "-M":
+            inv.mode = "M"
+            inv.arguments.extend(args[i + 1:])
+            break
+        elif arg in ("-odb", "-odi", "-odq", "-odf"):
+            inv.delivery_mode = arg[3]
+        elif arg == "-bm":
+            inv.mode = "bm"
+        elif arg == "-t":
+            inv.extract_recipients = True
+        elif arg in ("-i", "-oi"):
+            inv.dot_ends = False
+        elif arg.startswith("-f"):
+            inv.sender, i = _attached_or_next(arg, 2, args, i)
+            inv.sender = "" if inv.sender in ("<>", "") else inv.sender
+        elif arg.startswith("-F"):
+            _, i = _attached_or_next(arg, 2, args, i)
+        elif arg in ("-oem", "-oee", "-oep", "-oeq", "-oew", "-v", "-m", "-om"):
+            pass  # sendmail compatibility options that change nothing here
         elif arg.startswith(("-bp", "-M")) and (queue := _queue_option(arg, args[i + 1:])):
             inv.mode, ids, used = queue
             inv.arguments.extend(ids)
@@ -77,7 +107,31 @@ def parse_arguments(argv: Sequence[str]) -> Invocation:
         else:
             raise UsageError(f"exim-py: unknown or unsupported option {arg}")
         i += 1
+    if inv.mode is None and (inv.arguments or inv.extract_recipients):
+        inv.mode = "bm"  # sendmail's default: addresses read a message
     return inv
+
+
+def _queue_run_option(inv: Invocation, arg: str) -> bool:
+    """``-q``, ``-qf``, ``-qff`` and ``-q<time>`` (with ``-bd``)."""
+    import re
+
+    from twisted_mta.values import parse_time
+
+    match = re.fullmatch(r"-q(f{0,2})(.*)", arg)
+    if match is None:
+        return False
+    flags, interval = match.groups()
+    inv.queue_force = bool(flags)
+    inv.queue_thaw = flags == "ff"
+    if interval:
+        seconds = parse_time(interval)
+        if seconds is None or seconds <= 0:
+            raise UsageError(f"exim-py: bad time value {interval} after -q")
+        inv.queue_interval = seconds
+    elif inv.mode is None:
+        inv.mode = "q"
+    return True
 
 
 def _queue_option(arg: str, following: list[str]) -> tuple[str, list[str], int] | None:
@@ -162,6 +216,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from twisted_mta.hostcheck import local_session
 
         return local_session(config, sys.stdin.buffer, out, sys.stderr.buffer)
+    if inv.mode == "q":
+        from twisted_mta.queue.command import queue_run
+
+        return queue_run(config, force=inv.queue_force, thaw=inv.queue_thaw)
+    if inv.mode == "M":
+        from twisted_mta.queue.command import deliver_messages
+
+        return deliver_messages(config, inv.arguments, out)
+    if inv.mode == "bm":
+        return submit_message(config, inv)
     if inv.mode.startswith(("bp", "M")):
         from twisted_mta.queue.operations import main_queue_command
 
@@ -169,8 +233,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     if inv.mode in ("bd", "bdf"):
         from twisted_mta.service import run_daemon
 
-        return run_daemon(config, ports=inv.ports, pid_file=inv.pid_file)
+        return run_daemon(config, ports=inv.ports, pid_file=inv.pid_file,
+                          queue_interval=inv.queue_interval)
     return expansion_test(config, inv.arguments, sys.stdin.buffer, out)
+
+
+def submit_message(config, inv: Invocation) -> int:
+    """``-bm`` (and sendmail's default mode): read a message from standard
+    input, spool it, then deliver it as ``-od`` says."""
+    import time
+
+    from twisted_mta.log import EximLog, SyncLogWriter
+    from twisted_mta.spool.ids import MessageIdAllocator
+    from twisted_mta.spool.store import Spool
+    from twisted_mta.submit import Caller, Submission, SubmissionError, submit
+
+    class _WallClock:
+        seconds = staticmethod(time.time)
+
+    spool = Spool(config.get("spool_directory") or "./exim-py-spool",
+                  split=bool(config.get("split_spool_directory")))
+    log = EximLog.from_config(config, _WallClock(), os.getpid(), SyncLogWriter())
+    submission = Submission(sys.stdin.buffer.read(), recipients=list(inv.arguments),
+                            sender=inv.sender, extract_recipients=inv.extract_recipients,
+                            dot_ends=inv.dot_ends)
+    spooled: list[str] = []
+
+    async def spool_it() -> None:
+        spooled.append(await submit(submission, config=config, spool=spool, log=log,
+                                    id_allocator=MessageIdAllocator(time.time, os.getpid()),
+                                    clock=_WallClock(), caller=Caller.current(config)))
+
+    try:
+        run_coroutine(spool_it())
+    except SubmissionError as e:
+        sys.stderr.write(f"exim-py: {e}\n")
+        return 1
+    message_id = spooled[0]
+    if inv.delivery_mode == "q" or config.get("queue_only"):
+        return 0
+    if inv.delivery_mode in ("i", "f"):
+        from twisted_mta.queue.command import deliver_messages
+
+        return deliver_messages(config, [message_id], sys.stdout.buffer)
+    from twisted_mta.queue.command import deliver_in_background
+
+    deliver_in_background(config.filename, inv.defines, message_id)
+    return 0
 
 
 def print_options(config, names: list[str], out: BinaryIO) -> int:
