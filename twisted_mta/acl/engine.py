@@ -14,8 +14,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from twisted_mta.acl.where import (
+    NOT_EXPANDED_AT_TOP,
+    WHERE_ORDER,
+    control_error,
+    item_error,
+    verify_error,
+    where_key,
+    where_name,
+)
 from twisted_mta.config.model import Acl, AclItem, AclStatement
 from twisted_mta.expand.errors import ExpansionError, ForcedFailure
+from twisted_mta.smtp.replies import printing, split_message
 
 # Condition results (Exim's OK, FAIL, DEFER, ERROR, FAIL_DROP, DISCARD).
 OK, FAIL, DEFER, ERROR, FAIL_DROP, DISCARD = "ok", "fail", "defer", "error", "drop", "discard"
@@ -37,6 +47,7 @@ _MESSAGE_RESULTS = {
     "defer": {OK}, "deny": {OK}, "drop": {OK}, "require": {FAIL, FAIL_DROP}, "warn": {OK},
 }
 MAX_NESTING = 20
+_SPACE = " \t\n\v\f\r"
 
 
 class AclConfigError(Exception):
@@ -143,6 +154,8 @@ class AclRun:
             verdict = self._verb(statement.verb, result, endpass, user_msg, log_msg)
             if verdict is not None:
                 return verdict, user_msg, log_msg
+            if statement.verb == "warn" and result == OK and user_msg:
+                await self._warn_header(user_msg)
         trace(f"end of {self.label}: implicit DENY")
         return FAIL, None, None
 
@@ -185,6 +198,17 @@ class AclRun:
                              f"condition test deferred{detail}".lstrip())
         return None
 
+    async def _warn_header(self, text: str) -> None:
+        """A ``warn`` statement's ``message`` adds header lines (as
+        ``add_header`` does), in an ACL that has a message to add them to."""
+        where = where_key(self.session.where)
+        if WHERE_ORDER[where] > WHERE_ORDER["notsmtp"]:
+            self.session.log(f'ACL "warn" with "message" setting found in a non-message '
+                             f"({where_name(where)}) ACL: cannot specify header lines here: "
+                             "message ignored", ("main", "panic"))
+            return
+        await self.session.modifier("add_header", text)
+
     async def _statement(self, statement: AclStatement
                          ) -> tuple[str, str | None, str | None, bool]:
         user_text: str | None = None
@@ -209,7 +233,7 @@ class AclRun:
             if name in MODIFIERS:
                 error = await self._modifier(item)
                 if error is not None:
-                    result, cond_log = ERROR, error
+                    result, cond_log = ERROR, error or None
                     break
                 continue
             result, cond_user, cond_log = await self._condition(item)
@@ -267,7 +291,36 @@ class AclRun:
         except ExpansionError as e:
             raise _ItemError(f'failed to expand ACL string "{item.value}": {e.message}') from None
 
+    async def _set(self, item: AclItem) -> str | None:
+        """``set acl_<name> = value``: only the value is expanded."""
+        variable, _, raw = item.value.partition("=")
+        raw = raw.strip()
+        try:
+            value = await self.expand(raw)
+        except ForcedFailure:
+            return None
+        except ExpansionError as e:
+            return f'failed to expand ACL string "{raw}": {e.message}'
+        self._trace_check(item, True, value)
+        self.session.ctx.variables[variable.strip()] = value
+        return None
+
+    def _trace_check(self, item: AclItem, modifier: bool, expanded: str | None) -> None:
+        """Exim's ``check name = value`` trace line, and under it the
+        expanded value when the text had something to expand."""
+        lhs = f"check {'!' if item.negated and not modifier else ''}{item.name} "
+        raw = item.value
+        if item.name == "set":
+            variable, _, raw = item.value.partition("=")
+            lhs += f"{variable.strip()} "
+            raw = raw.strip()
+        self.session.trace(f"{lhs}= {raw}")
+        if expanded is not None and ("$" in raw or "\\" in raw):
+            self.session.trace(f"{' ' * len(lhs)}= {expanded}")
+
     async def _modifier(self, item: AclItem) -> str | None:
+        if item.name == "set":
+            return await self._set(item)
         try:
             value = await self._argument(item)
         except _ItemError as e:
@@ -275,33 +328,54 @@ class AclRun:
         if value is None:
             return None
         name = item.name
-        if name == "set":
-            variable, _, _ = item.value.partition("=")
-            self.session.ctx.variables[variable.strip()] = await self.expand(
-                item.value.partition("=")[2].strip())
-            return None
+        where = self.session.where
+        self._trace_check(item, True, value)
+        error = item_error(name, True, where)
+        if error is not None:
+            return error
+        if name == "control":
+            control, error = control_error(value, where)
+            if error is not None:
+                return error
+            if control == "error":
+                # Exim's placeholder for an undecodable control: an error
+                # with nothing to log.
+                return ""
+            if control in ("fakereject", "fakedefer"):
+                value = _fake_control(control, value)
         if name == "logwrite":
-            targets: tuple[str, ...] = ("main",)
-            if value.startswith(":"):
-                spec, _, value = value[1:].partition(":")
-                targets = tuple(t.strip() for t in spec.split(",") if t.strip())
-                value = value.lstrip()
-            self.session.log(value, targets)
+            targets, text = _logwrite(value, where)
+            self.session.log(text, targets)
             return None
         if name == "continue":
             return None
         return await self.session.modifier(name, value)
 
     async def _condition(self, item: AclItem) -> tuple[str, str | None, str | None]:
-        self.session.trace(f"check {'!' if item.negated else ''}{item.name} = {item.value}")
         if item.name == "set":
             return OK, None, None
+        where = self.session.where
+        modifier = _is_modifier(item.name)
+        # Exim checks where an item may be used once its argument is
+        # expanded, or before, for the items it expands while testing.
+        early = item.name in NOT_EXPANDED_AT_TOP
+        error = item_error(item.name, modifier, where)
+        if early:
+            self._trace_check(item, modifier, None)
+            if error is not None:
+                return ERROR, None, error
         try:
             value = await self._argument(item)
         except _ItemError as e:
             return ERROR, None, str(e)
         if value is None:
             return OK, None, None
+        if not early:
+            self._trace_check(item, modifier, value)
+        if error is None and item.name == "verify":
+            error = verify_error(value, where)
+        if error is not None:
+            return ERROR, None, error
         handler = _CONDITIONS.get(item.name)
         if handler is not None:
             return await handler(self, value)
@@ -369,7 +443,59 @@ async def run_acl(session: AclSession, option_text: str | None, default: str
     except AclConfigError as e:
         return AclOutcome("error", None, str(e))
     result, user_msg, log_msg = await run_with_args(session, acl, [])
+    where = where_key(session.where)
+    if result == DISCARD and (where == "predata"
+                              or WHERE_ORDER[where] > WHERE_ORDER["notsmtp"]):
+        # Only a message ACL can discard (and not PREDATA, which is in the
+        # middle of a command).
+        session.log(f'"discard" verb not allowed in {where_name(where)} ACL', ("main", "panic"))
+        result = ERROR
+    # A long message for the client is split into lines here, for the top
+    # level only: the log keeps it whole.
+    if user_msg is not None:
+        user_msg = split_message(user_msg)
     return AclOutcome(VERDICTS[result], user_msg, log_msg)
+
+
+def _is_modifier(name: str) -> bool:
+    from twisted_mta.config.parser import ACL_CONDITIONS
+
+    return ACL_CONDITIONS.get(name, name in MODIFIERS)
+
+
+def _fake_control(name: str, value: str) -> str:
+    """``control = fakereject`` or ``fakedefer`` with its text made
+    explicit (Exim's default when none is given) and split into lines as
+    Exim splits it before replying."""
+    from twisted_mta.smtp.receive import FAKE_RESPONSE_TEXT
+
+    rest = value[len(name):]
+    text = rest[1:] if rest.startswith("/") else FAKE_RESPONSE_TEXT
+    return f"{name}/{split_message(text)}"
+
+
+def _logwrite(value: str, where: str) -> tuple[tuple[str, ...], str]:
+    """The logs and text of ``logwrite = value``: an optional leading
+    ``:main,panic,reject:`` names the logs (each name matched as a prefix,
+    as in Exim); an unknown name, or no closing colon, replaces the text
+    with a complaint for the main and panic logs."""
+    targets: list[str] = []
+    pos = 0
+    if value.startswith(":"):
+        pos = 1
+        while not value.startswith(":", pos):
+            name = next((n for n in ("main", "panic", "reject") if value.startswith(n, pos)),
+                        None)
+            if name is None:
+                return ("main", "panic"), printing(
+                    f'unknown log name in "{value}" in "logwrite" in {where_name(where)} ACL')
+            targets.append(name)
+            pos += len(name)
+            if value.startswith(",", pos):
+                pos += 1
+        pos += 1
+    text = printing(value[pos:].lstrip(_SPACE))
+    return tuple(n for n in ("main", "panic", "reject") if n in targets) or ("main",), text
 
 
 # -- conditions the engine implements itself -------------------------------------

@@ -31,21 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from twisted_mta.acl.where import WHERE_NAMES, WHERE_ORDER
 from twisted_mta.values import parse_time, split_list_with
 
 OK, FAIL, DEFER, ERROR = "ok", "fail", "defer", "error"
 
-# Exim's ACL_WHERE_* order, which the per_* validity rules compare against,
-# and the names its error messages use.
-WHERE_NAMES = {
-    "rcpt": "RCPT", "mail": "MAIL", "predata": "PREDATA", "mime": "MIME", "dkim": "DKIM",
-    "data": "DATA", "prdr": "PRDR", "notsmtp": "non-SMTP", "auth": "AUTH",
-    "connect": "connection", "etrn": "ETRN", "expn": "EXPN", "helo": "EHLO or HELO",
-    "mailauth": "MAILAUTH", "notsmtp_start": "non-SMTP-start", "notquit": "NOTQUIT",
-    "quit": "QUIT", "starttls": "STARTTLS", "vrfy": "VRFY", "delivery": "delivery",
-    "unknown": "unknown",
-}
-_ORDER = {name: i for i, name in enumerate(WHERE_NAMES)}
+# The per_* validity rules compare positions in Exim's ACL_WHERE_* order.
+_ORDER = WHERE_ORDER
 _NOTSMTP = _ORDER["notsmtp"]
 
 # Bytes in the smallest Bloom filter (Exim's dbdata_ratelimit_unique).

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+from twisted_mta.taint import join_taint
+
 # A configured message may start with its own code, and an extended code.
 _USER_CODE = re.compile(r"\d\d\d\s(?:\d\.\d\d?\d?\.\d\d?\d?\s)?")
 
@@ -47,6 +49,49 @@ def user_reply(default_code: str, message: str, check: bool = True) -> bytes:
     """The reply for an ACL-supplied *message* (Exim's smtp_user_msg)."""
     code, text, _ = split_user_code(default_code, message, check)
     return format_reply(code, text)
+
+
+def split_message(text: str) -> str:
+    """Exim's string_split_message(): a message longer than 75 characters
+    gets newlines in place of some of its spaces, so that as a reply it is
+    several lines of at most 75 characters where that can be done.
+
+    Each line is broken at the last space in its characters 37 to 76,
+    preferring the last space that follows a colon; a line with no space
+    there is broken at the first space (or newline) after that instead,
+    and one with none at all ends the splitting.  Existing newlines start
+    new lines."""
+    if len(text) <= 75:
+        return text
+    chars = list(text)
+    end = len(chars)
+    start = 0  # the start of the current line
+    while True:
+        pos = start
+        while pos < end and pos - start < 75 and chars[pos] != "\n":
+            pos += 1
+        if pos >= end:
+            break
+        if chars[pos] == "\n":
+            start = pos + 1
+            continue
+        # chars[pos] is the 76th character of the line: look back for a
+        # space, but not into the first 36 characters.
+        split = None
+        for back in range(pos, start + 35, -1):
+            if chars[back] == " ":
+                if chars[back - 1] == ":":
+                    split = back
+                    break
+                if split is None:
+                    split = back
+        if split is None:
+            split = next((i for i in range(pos + 1, end) if chars[i] in " \n"), None)
+        if split is None:
+            break
+        chars[split] = "\n"
+        start = split + 1
+    return join_taint("".join(chars), text)
 
 
 def printing(text: str) -> str:
