@@ -10,9 +10,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from twisted_mta.expand.addresses import AddressError, extract_address
 from twisted_mta.expand.errors import ExpansionError
-from twisted_mta.smtp.message import Header, IncomingMessage
+from twisted_mta.smtp.message import Header, IncomingMessage, logged_message_id
 from twisted_mta.smtp.replies import printing, user_reply
 
 if TYPE_CHECKING:
@@ -29,6 +28,18 @@ _PRDR_TEXT = {"accept": ("250", "acceptance"), "discard": ("250", "acceptance"),
 async def receive_message(server: ESMTPServer, message: IncomingMessage, *,
                           chunked: bool) -> None:
     """Finish the transaction for *message*: reply, log, spool."""
+    txn = server.transaction
+    try:
+        await _receive(server, message, chunked=chunked)
+    finally:
+        if server.config.get("acl_smtp_mime"):
+            from twisted_mta.smtp.mime import unspool
+
+            await unspool(server, server.vars.get("message_exim_id"),
+                          keep="no_mbox_unspool" in txn.controls)
+
+
+async def _receive(server: ESMTPServer, message: IncomingMessage, *, chunked: bool) -> None:
     txn = server.transaction
     variables = server.vars
     message_id, received_time = server.allocate_message_id()
@@ -58,14 +69,30 @@ async def receive_message(server: ESMTPServer, message: IncomingMessage, *,
     _apply_acl_headers(server, message)
     _message_variables(server, message)
 
+    # Exim's blackholed_by: who took the last recipient away.
+    blackholed_by = None if recipients else "MAIL ACL" if txn.discarded else "RCPT ACL"
+    if recipients and server.config.get("acl_smtp_mime"):
+        from twisted_mta.smtp.mime import run_mime_acl
+
+        mime_outcome = await run_mime_acl(server, message, message_id)
+        if mime_outcome is not None:
+            _apply_acl_headers(server, message)
+            _header_variables(server, message)
+            if mime_outcome.verdict == "discard":
+                blackholed_by, recipients = "MIME ACL", []
+            elif mime_outcome.verdict != "accept":
+                server.acl_failed("mime", mime_outcome, "")
+                server.finish_transaction()
+                return
+
     prdr_lines: list[bytes] | None = None
     kept = list(recipients)
     if txn.prdr and len(recipients) > 1 and _prdr_acl_set(server):
         prdr_lines, kept = await _run_prdr(server, recipients)
         if not kept:
             txn.recipients = []
-    if kept or prdr_lines is None:
-        outcome = await server.acl("data") if server.config.get("acl_smtp_data") else None
+    if kept and server.config.get("acl_smtp_data"):
+        outcome = await server.acl("data")
     else:
         outcome = None
     if prdr_lines is not None:
@@ -77,14 +104,21 @@ async def receive_message(server: ESMTPServer, message: IncomingMessage, *,
         server.finish_transaction()
         return
     _apply_acl_headers(server, message)
-    discarded = (outcome is not None and outcome.verdict == "discard") or txn.discarded
-    if discarded:
+    if outcome is not None and outcome.verdict == "discard":
+        blackholed_by = "DATA ACL"
+    if blackholed_by is not None:
+        # Logged as received, then thrown away; the client is told it
+        # was accepted.
         log_msg = outcome.log_message if outcome is not None else None
-        server.log_write(f"{server.host_and_ident(True)} F=<{txn.sender}> rejected after DATA: "
-                         f"discarded by DATA ACL{': ' + log_msg if log_msg else ''}"
-                         .replace("rejected after DATA: ", ""), ("main",),
+        server.log_write(reception_log_line(server, message, prdr_lines is not None),
+                         ("main",), message_id=message_id)
+        server.log_write(f"=> blackhole ({blackholed_by} discarded recipients)"
+                         f"{': ' + log_msg if log_msg else ''}", ("main",),
                          message_id=message_id)
+        server.log_write("Completed", ("main",), message_id=message_id)
+        await server.log_flushed()
         _final_reply(server, outcome, message_id, chunked)
+        server.after_message_reply()
         server.finish_transaction()
         return
     txn.recipients = kept
@@ -203,6 +237,12 @@ def _message_variables(server: ESMTPServer, message: IncomingMessage) -> None:
     body = message.body.decode("latin-1")
     variables["message_body"] = body[:visible].replace("\n", " ")
     variables["message_body_end"] = body[-visible:].replace("\n", " ")
+    _header_variables(server, message)
+
+
+def _header_variables(server: ESMTPServer, message: IncomingMessage) -> None:
+    """$h_*, $message_headers: the headers as they are now."""
+    variables = server.vars
     variables["__headers__"] = message.decoded_header_values()
     variables["__headers_list__"] = message.headers
     variables["message_headers"] = "".join(h.text for h in message.headers
@@ -286,7 +326,7 @@ def _fake_response(server: ESMTPServer) -> tuple[str, str] | None:
     controls = server.transaction.controls
     for name, code in (("fakereject", "550"), ("fakedefer", "450")):
         if name in controls:
-            return code, controls[name] or FAKE_RESPONSE_TEXT
+            return code, controls[name]
     return None
 
 
@@ -340,16 +380,9 @@ def reception_log_line(server: ESMTPServer, message: IncomingMessage, prdr: bool
     if "receive_time" in selector:
         parts.append(f"RT={server.receive_time():.3f}s")
     if "msg_id" in selector:
-        for h in message.headers:
-            if h.flag == "I":
-                # Exim reads the id as an address: no angle brackets, and
-                # nothing logged when it does not parse as one.
-                try:
-                    msg_id, _domain = extract_address(h.value, allow_domain_literals=True)
-                except AddressError:
-                    break
-                parts.append(f"id={printing(msg_id)}")
-                break
+        msg_id = logged_message_id(message.headers)
+        if msg_id is not None:
+            parts.append(f"id={printing(msg_id)}")
     if "subject" in selector:
         for h in message.headers:
             if h.name.lower() == "subject" and h.flag != "*":

@@ -75,6 +75,8 @@ class SmtpAclSession(AclSession):
         super().__init__(server.ctx)
         self.server = server
         self.where = ""
+        # The part the MIME ACL is looking at (twisted_mta.smtp.mime).
+        self.mime_part: Any = None
 
     @property
     def host_checking(self) -> bool:  # type: ignore[override]
@@ -103,6 +105,16 @@ class SmtpAclSession(AclSession):
         from twisted_mta.smtp.verify import verify_condition
 
         return await verify_condition(self, value)
+
+    async def _cond_decode(self, value: str) -> tuple[str, str | None, str | None]:
+        from twisted_mta.smtp.mime import decode_condition
+
+        return await decode_condition(self, value)
+
+    async def _cond_mime_regex(self, value: str) -> tuple[str, str | None, str | None]:
+        from twisted_mta.smtp.mime import mime_regex_condition
+
+        return await mime_regex_condition(self, value)
 
     async def _cond_dnslists(self, value: str) -> tuple[str, str | None, str | None]:
         from twisted_mta.acl.dnslists import check_dnslists
