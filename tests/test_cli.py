@@ -83,3 +83,17 @@ class CommandTests(unittest.TestCase):
     def test_default_configuration_loads(self) -> None:
         proc = self.run_command("-bV")
         self.assertEqual(proc.returncode, 0, proc.stderr)
+
+    def test_bh_starttls_ends_the_session(self) -> None:
+        # exim4 -bh answers "220 TLS go ahead", fails the handshake on its
+        # standard input, logs it and stops; it never crashes.
+        config = self.write("tls.conf", "primary_hostname = myhost.test.ex\n"
+                                        "acl_smtp_rcpt = accept\n")
+        proc = self.run_command("-C", config, "-bh", "192.0.2.1",
+                                stdin=b"EHLO x\r\nSTARTTLS\r\nQUIT\r\n")
+        lines = [line for line in proc.stdout.decode().splitlines()
+                 if not line.startswith((">>>", "250-", "**** "))]
+        self.assertEqual(lines[-1], "220 TLS go ahead")
+        self.assertIn(b"LOG: TLS error on connection from (x) [192.0.2.1] (SSL_accept): "
+                      b"host checking input cannot start TLS\n", proc.stderr)
+        self.assertNotIn(b"Traceback", proc.stderr)

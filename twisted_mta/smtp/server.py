@@ -184,6 +184,7 @@ class ESMTPServer(smtp.ESMTP):
         self.early_pipe_advertised = False
         self.early_pipe_used = False
         self._proxy_leftover = 0
+        self._handshake_pending = False
         self.sender_unqualified = False
         self.recipient_unqualified = False
         self.utf8_domains = False
@@ -633,6 +634,12 @@ class ESMTPServer(smtp.ESMTP):
         self.closed = True
         if self._auth_wait is not None and not self._auth_wait.called:
             self._auth_wait.errback(ConnectionError("connection lost"))
+        if self._handshake_pending:
+            # The handshake failed (or the client left during it).
+            self._handshake_pending = False
+            self._log_tls_failure(reason.getErrorMessage() if reason is not None
+                                  else "connection lost")
+            return
         if not was_closed and not self._quit_requested:
             # Reset rather than closed: nothing more can be said to the client.
             clean = reason is None or reason.check(error.ConnectionDone)
@@ -1502,13 +1509,25 @@ class ESMTPServer(smtp.ESMTP):
             return False
         if reply:
             self.reply("220", "TLS go ahead")
+        if not hasattr(self.transport, "startTLS"):
+            # -bh: standard input cannot do a handshake, as in Exim, whose
+            # session ends here too.
+            self._log_tls_failure("host checking input cannot start TLS")
+            self.close_connection()
+            return False
+        self._handshake_pending = True
         self.transport.startTLS(creator)
         return True
+
+    def _log_tls_failure(self, reason: str) -> None:
+        self.log_write(f"TLS error on connection from {self.host_and_ident(False)} "
+                       f"(SSL_accept): {reason}")
 
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: the TLS handshake finished."""
         from twisted_mta.smtp.tls import session_for, tls_in_variables
 
+        self._handshake_pending = False
         connection = self.transport.getHandle()
         self.vars.update(tls_in_variables(connection))
         session = session_for(connection)

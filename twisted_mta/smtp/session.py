@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from twisted_mta.acl.engine import DEFER, ERROR, FAIL, OK, AclSession
+from twisted_mta.acl.where import where_name
 from twisted_mta.dns import DnsError
 from twisted_mta.lists import parse_ip
 from twisted_mta.lists.hosts import forward_addresses
@@ -224,7 +225,7 @@ class SmtpAclSession(AclSession):
             else:
                 names.update(("main", "reject"))
                 self.server.log_write(f'unknown log name "{item}" in "log_reject_target" in '
-                                      f'{self.where.upper()} ACL', ("main", "panic"))
+                                      f'{where_name(self.where)} ACL', ("main", "panic"))
         return tuple(n for n in ("main", "reject", "panic") if n in names)
 
     def _control(self, value: str) -> str | None:
