@@ -18,7 +18,7 @@ import unittest
 
 from tests.daemon import EximPyDaemon
 from tests.peer_haproxy import Haproxy
-from tests.peers import require_program, wait_until
+from tests.peers import free_port, require_program, wait_until
 
 SWAKS = "/usr/bin/swaks"
 OPENSSL = "/usr/bin/openssl"
@@ -384,3 +384,19 @@ class CrashTests(DaemonCase):
             self.assertTrue(daemon.body(message_id).endswith(body), message_id)
             self.assertIn("\nrcpt@mta.test\n", daemon.header_file(message_id))
         self.assertFalse([n for n in daemon.spool_files() if n.startswith("hdr.")])
+
+
+class ManholeTests(DaemonCase):
+    """The daemon starts the manhole its configuration asks for."""
+
+    def test_manhole_listens_on_loopback(self) -> None:
+        users = os.path.join(tempfile.mkdtemp(prefix="exim-py-manhole-"), "users")
+        self.addCleanup(shutil.rmtree, os.path.dirname(users), True)
+        with open(users, "w") as f:
+            f.write("admin:secret\n")
+        os.chmod(users, 0o600)
+        port = free_port()
+        daemon = self.daemon(f"manhole_port = {port}\nmanhole_users = {users}\n" + ACCEPT_ALL)
+        daemon.wait_for_log(f"manhole listening for SSH on [127.0.0.1]:{port}")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            self.assertTrue(s.recv(100).startswith(b"SSH-2.0-"))

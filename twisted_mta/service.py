@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -24,12 +25,13 @@ from zope.interface import implementer
 
 from twisted_mta import EXIM_COMPAT_VERSION
 from twisted_mta.cli import DEFAULT_CONFIG
+from twisted_mta.manhole import ManholeError, ManholeOptionsMixin, manhole_service
 from twisted_mta.values import list_separator, split_list, split_list_with
 
 DEFAULT_INTERFACES = "<; 0.0.0.0 ; ::0"
 
 
-class Options(usage.Options):
+class Options(ManholeOptionsMixin, usage.Options):
     optParameters = [
         ["config", "C", DEFAULT_CONFIG, "The Exim configuration file to run."],
         ["ports", "X", None, "Override daemon_smtp_ports/local_interfaces (as -oX)."],
@@ -184,18 +186,31 @@ class MTAService(service.MultiService):
     the queue runner and the manhole as child services."""
 
     def __init__(self, config: Any, reactor: Any = None, ports: str | None = None,
-                 queue_interval: int | None = None) -> None:
+                 queue_interval: int | None = None,
+                 options: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.ports_override = ports
         self.queue_interval = queue_interval
         self.queue_runner: Any = None
+        self.spool: Any = None
+        self.sessions: set[Any] = set()
+        manhole = manhole_service(config, options, self.manhole_namespace, reactor,
+                                  log=lambda: self.settings.log if self.settings else None)
+        if manhole is not None:
+            manhole.setServiceParent(self)
         self.listeners: list[Any] = []
         self.connections: dict[str, int] = {}
         self.total_connections = 0
         self.settings: Any = None
         self.threadpool: Any = None
+
+    def manhole_namespace(self) -> dict[str, Any]:
+        """What the manhole's Python prompt starts with."""
+        return {"service": self, "config": self.config, "spool": self.spool,
+                "settings": self.settings, "sessions": self.sessions,
+                "queue": self.queue_runner}
 
     # -- connection accounting -----------------------------------------------
 
@@ -233,12 +248,14 @@ class MTAService(service.MultiService):
         self.connections[address] = self.connections.get(address, 0) + 1
         self.total_connections += 1
         server.connection_count = self.total_connections
+        self.sessions.add(server)
         queue_over = self.config.get("smtp_accept_queue", 0)
         if queue_over and self.total_connections > queue_over:
             server.queue_only = True
         original = server.connectionLost
 
         def lost(reason: Any = None) -> None:
+            self.sessions.discard(server)
             self.total_connections -= 1
             remaining = self.connections.get(address, 1) - 1
             if remaining:
@@ -373,8 +390,13 @@ class ServiceMaker:
 
     def makeService(self, options: Options) -> service.IService:
         config = load_or_exit(options["config"], options["defines"])
-        return MTAService(config, ports=options["ports"],
-                          queue_interval=parse_queue_interval(options["queue-interval"]))
+        try:
+            return MTAService(config, ports=options["ports"],
+                              queue_interval=parse_queue_interval(options["queue-interval"]),
+                              options=options)
+        except ManholeError as e:
+            sys.stderr.write(f"exim-py: {e}\n")
+            raise SystemExit(1) from None
 
 
 def parse_queue_interval(text: str | None) -> int | None:
@@ -405,7 +427,11 @@ def run_daemon(config: Any, ports: str | None = None, pid_file: str | None = Non
     the foreground."""
     from twisted.internet import reactor
 
-    mta = MTAService(config, reactor=reactor, ports=ports, queue_interval=queue_interval)
+    try:
+        mta = MTAService(config, reactor=reactor, ports=ports, queue_interval=queue_interval)
+    except ManholeError as e:
+        sys.stderr.write(f"exim-py: {e}\n")
+        return 1
     if pid_file:
         with open(pid_file, "w") as f:
             f.write(f"{os.getpid()}\n")

@@ -1,8 +1,5 @@
-"""twistd plugin ``exim-py``: ``twistd -n exim-py [-C FILE] [-D NAME=value]``.
-
-Until the server lands, the service loads the configuration, reports any
-error the way ``exim -bV`` does, and runs no listeners.
-"""
+"""twistd plugin ``exim-py``: ``twistd -n exim-py [-C FILE] [-D NAME=value]
+[-q 30m] [--manhole PORT ...]``; see doc/daemon.md and doc/manhole.md."""
 
 from twisted_mta.service import ServiceMaker
 
