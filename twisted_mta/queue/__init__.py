@@ -1,1 +1,2 @@
-"""Delivering what is on the queue: addresses, retry rules and hints."""
+"""The message queue: delivery state, retry rules and hints, listing and
+operator actions."""

@@ -1,0 +1,345 @@
+"""Writing a message as a transport sends it: Exim's
+``transport_write_message()`` and ``transport_headers_send()``.
+
+The work is split in two.  :func:`build_headers` runs on the reactor
+thread, because it expands strings (``headers_add``, ``headers_remove``,
+the date): it produces the whole header section as text.  A
+:class:`MessageStream` then produces the bytes to write, in chunks: the
+header section, then the body read from the -D file (after its first
+line), with the line-ending and ``check_string`` processing applied.  The
+stream reads the spool file, so it is iterated in a worker thread; a
+driver writing to a file does the whole loop in one thread call
+(:func:`write_all_to_fd`), a driver writing to a pipe or socket fetches
+one chunk at a time (:func:`next_chunk`).
+
+What is written, in Exim's order:
+
+1. ``Return-path: <sender>`` (``return_path_add``), ``Envelope-to:``
+   (``envelope_to_add``: the envelope recipients the batch descends from),
+   ``Delivery-date:`` (``delivery_date_add``);
+2. the headers of the -H file, less those flagged deleted (``*``) and
+   those matched by the transport's ``headers_remove`` or the routers';
+3. the routers' ``headers_add`` lines, then the transport's;
+4. a blank line, then the body.
+
+``use_crlf`` turns each LF into CRLF; a -D file in wire format (CRLF
+lines, received with CHUNKING) has its CRs dropped unless ``use_crlf``.
+``check_string``/``escape_string`` replace the check string where a line
+starts with it (``From `` to ``>From `` for mbox files, ``.`` to ``..``
+for batched SMTP); only the body is checked unless the headers are too
+(``use_bsmtp``).  Unlike Exim, the check does not depend on where the file
+happened to be split into chunks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from twisted_mta.expand.errors import ExpansionError, ForcedFailure
+from twisted_mta.transports.common import expand, run_blocking
+from twisted_mta.values import split_list_with
+
+#: How much of the -D file is read at a time.
+CHUNK_SIZE = 64 * 1024
+
+
+@dataclass
+class WriteOptions:
+    """The ``topt_*`` bits and strings of Exim's ``transport_ctx``."""
+
+    add_return_path: bool = False
+    add_envelope_to: bool = False
+    add_delivery_date: bool = False
+    use_crlf: bool = False
+    end_dot: bool = False
+    no_headers: bool = False        # body_only
+    no_body: bool = False           # headers_only
+    escape_headers: bool = False    # apply check_string to the headers too
+    check_string: str | None = None
+    escape_string: str | None = None
+    size_limit: int = 0             # 0: the whole body
+
+    @classmethod
+    def from_instance(cls, instance: Any, **kw: Any) -> WriteOptions:
+        """The options every transport takes from its generic settings."""
+        return cls(add_return_path=bool(instance.get("return_path_add")),
+                   add_envelope_to=bool(instance.get("envelope_to_add")),
+                   add_delivery_date=bool(instance.get("delivery_date_add")),
+                   no_headers=bool(instance.get("body_only")),
+                   no_body=bool(instance.get("headers_only")), **kw)
+
+
+class HeaderChangeError(Exception):
+    """``headers_add`` or ``headers_remove`` failed to expand (Exim's
+    ERRNO_CHHEADER_FAIL).  *message* is the expansion error; *routing* is
+    set when the failing text came from a router, whose own message Exim
+    would have given when routing."""
+
+    def __init__(self, message: str, routing: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.routing = routing
+
+
+# -- the header section ---------------------------------------------------------
+
+
+async def build_headers(job: Any, instance: Any, options: WriteOptions,
+                        return_path: str) -> str | None:
+    """The header section (ending with its blank line) as Latin-1 text, or
+    None with ``body_only``.  Raises HeaderChangeError."""
+    if options.no_headers:
+        return None
+    out: list[str] = []
+    if options.add_return_path:
+        out.append(f"Return-path: <{return_path}>\n")
+    if options.add_envelope_to:
+        seen: list[Any] = []
+        for address in job.addresses:
+            top = address.top
+            if not any(top is s for s in seen):
+                seen.append(top)
+        out.append("Envelope-to: " + ",\n ".join(a.address for a in seen) + "\n")
+    if options.add_delivery_date:
+        out.append(f"Delivery-date: {await job.ctx.expand('$tod_full')}\n")
+
+    first = job.addresses[0] if job.addresses else None
+    removals = await _removals(job, instance, first)
+    for header in job.message.headers:
+        if header.flag == "*":
+            continue
+        if any(_removes(item, header.text) for item in removals):
+            continue
+        out.append(header.text)
+
+    if first is not None:
+        for raw in first.headers_add:
+            for item in split_list_with(raw, "\n"):
+                try:
+                    text = await expand(job, item)
+                except ForcedFailure:
+                    continue
+                except ExpansionError as e:
+                    raise HeaderChangeError(
+                        e.message, f'{first.router} router failed to expand add_headers '
+                        f'item "{item}": {e.message}') from None
+                if text:
+                    out.append(text if text.endswith("\n") else text + "\n")
+    added = instance.get("headers_add")
+    if added:
+        for item in split_list_with(str(added), "\n"):
+            try:
+                text = await expand(job, item)
+            except ForcedFailure:
+                continue
+            except ExpansionError as e:
+                raise HeaderChangeError(e.message) from None
+            if text:
+                out.append(text if text.endswith("\n") else text + "\n")
+    out.append("\n")
+    return "".join(out)
+
+
+async def _removals(job: Any, instance: Any, first: Any) -> list[str]:
+    items: list[str] = []
+    option = instance.get("headers_remove")
+    if option:
+        for item in split_list_with(str(option), ":"):
+            try:
+                text = await expand(job, item)
+            except ForcedFailure:
+                continue
+            except ExpansionError as e:
+                raise HeaderChangeError(e.message) from None
+            if text:
+                items.append(text)
+    if first is not None:
+        for raw in first.headers_remove:
+            for item in split_list_with(raw, ":"):
+                try:
+                    text = await expand(job, item)
+                except ForcedFailure:
+                    continue
+                except ExpansionError as e:
+                    raise HeaderChangeError(
+                        e.message, f'{first.router} router failed to expand remove_headers '
+                        f'item "{item}": {e.message}') from None
+                if text:
+                    items.append(text)
+    return items
+
+
+def _removes(item: str, header: str) -> bool:
+    """Whether a headers_remove item matches a header line: a caseless
+    name match (``name`` then optional blanks and a colon), or a caseless
+    prefix match when the item ends with ``*``."""
+    if item.endswith("*"):
+        return header[:len(item) - 1].lower() == item[:-1].lower()
+    if header[:len(item)].lower() != item.lower():
+        return False
+    rest = header[len(item):].lstrip(" \t")
+    return rest.startswith(":")
+
+
+# -- the byte stream ------------------------------------------------------------
+
+
+class _LineFilter:
+    """The per-byte processing of Exim's write_chunk(), done a chunk at a
+    time: drop the CR of CRLF (*strip_cr*), replace *check* by *escape*
+    at the start of a line, then turn LF into CRLF (*crlf*).  A partial
+    line that could still turn out to start with the check string is held
+    back until the next chunk shows how it continues."""
+
+    def __init__(self, check: bytes | None, escape: bytes | None, *, crlf: bool,
+                 strip_cr: bool, line_start: bool) -> None:
+        self.check = check if check and escape is not None else None
+        self.escape = escape or b""
+        self.crlf = crlf
+        self.strip_cr = strip_cr
+        self.line_start = line_start
+        self.carry = b""
+        self.cr = b""
+
+    def feed(self, data: bytes) -> bytes:
+        if self.strip_cr:
+            data = self.cr + data
+            self.cr = b""
+            if data.endswith(b"\r"):
+                self.cr, data = b"\r", data[:-1]
+            data = data.replace(b"\r\n", b"\n")
+        if self.check is not None:
+            data = self._escape(data, final=False)
+        return data.replace(b"\n", b"\r\n") if self.crlf else data
+
+    def flush(self) -> bytes:
+        data, self.cr = self.cr, b""
+        if self.check is not None:
+            data = self._escape(data, final=True)
+        return data.replace(b"\n", b"\r\n") if self.crlf else data
+
+    def _escape(self, data: bytes, final: bool) -> bytes:
+        check = self.check
+        assert check is not None
+        data = self.carry + data
+        start = self.line_start
+        self.carry = b""
+        if not final:
+            newline = data.rfind(b"\n")
+            tail_start = newline + 1
+            at_line = newline >= 0 or start
+            tail = data[tail_start:]
+            if at_line and len(tail) < len(check) and check.startswith(tail):
+                self.carry = tail
+                data = data[:tail_start]
+                self.line_start = True
+            else:
+                self.line_start = False
+        if not data:
+            return data
+        if start:
+            return (b"\n" + data).replace(b"\n" + check, b"\n" + self.escape)[1:]
+        return data.replace(b"\n" + check, b"\n" + self.escape)
+
+
+class MessageStream:
+    """The bytes a transport writes for one message, produced in chunks.
+
+    *headers* is the section from :func:`build_headers` (None for
+    ``body_only``); *before* and *after* are written as they are, without
+    line-ending or check-string processing (``message_prefix`` and the
+    batched SMTP envelope; ``message_suffix`` and its final dot), as Exim
+    writes them with transport_write_string().  After iteration,
+    *count* is the number of bytes produced (Exim's ``transport_count``)
+    and *newlines* the number of line ends in the message itself.
+    """
+
+    def __init__(self, headers: str | None, data_path: str, options: WriteOptions, *,
+                 wireformat: bool = False, before: bytes = b"", after: bytes = b"") -> None:
+        self.headers = headers
+        self.data_path = data_path
+        self.options = options
+        self.wireformat = wireformat
+        self.before = before
+        self.after = after
+        self.count = 0
+        self.newlines = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks():
+            if chunk:
+                self.count += len(chunk)
+                yield chunk
+
+    def _chunks(self) -> Iterator[bytes]:
+        opts = self.options
+        check = opts.check_string.encode("latin-1") if opts.check_string else None
+        escape = opts.escape_string.encode("latin-1") \
+            if opts.escape_string is not None else None
+        yield self.before
+        if self.headers is not None:
+            raw = self.headers.encode("latin-1")
+            self.newlines += raw.count(b"\n")
+            head = _LineFilter(check if opts.escape_headers else None, escape,
+                               crlf=opts.use_crlf, strip_cr=False, line_start=False)
+            yield head.feed(raw) + head.flush()
+        if not opts.no_body:
+            body = _LineFilter(check, escape, crlf=opts.use_crlf and not self.wireformat,
+                               strip_cr=self.wireformat and not opts.use_crlf,
+                               line_start=True)
+            with open(self.data_path, "rb") as f:
+                _skip_id_line(f, self.data_path)
+                left = opts.size_limit if opts.size_limit > 0 else -1
+                while left != 0:
+                    data = f.read(CHUNK_SIZE if left < 0 else min(CHUNK_SIZE, left))
+                    if not data:
+                        break
+                    if left > 0:
+                        left -= len(data)
+                    self.newlines += data.count(b"\n")
+                    yield body.feed(data)
+            yield body.flush()
+        if opts.end_dot:
+            yield b".\r\n" if opts.use_crlf else b".\n"
+        yield self.after
+
+
+def _skip_id_line(f: Any, path: str) -> None:
+    """Position *f* after the -D file's first line, ``<id>-D``."""
+    first = f.readline(256)
+    if not first.endswith(b"-D\n"):
+        raise OSError(f"{path} does not start with its name")
+
+
+def write_all_to_fd(stream: MessageStream, fd: int) -> int:
+    """Write the whole stream to *fd* (blocking: call in a thread); the
+    byte count.  Raises OSError as the write fails."""
+    for chunk in stream:
+        view = memoryview(chunk)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+    return stream.count
+
+
+_END = object()
+
+
+async def next_chunk(job: Any, chunks: Iterator[bytes]) -> bytes | None:
+    """The next chunk of *chunks*, read in the job's thread pool; None at
+    the end."""
+    chunk = await run_blocking(job, next, chunks, _END)
+    return None if chunk is _END else chunk
+
+
+def spool_message_size(message: Any, data_path: str) -> int:
+    """Exim's ``$message_size`` for a message read from the spool: the
+    body, one for the blank line, and the headers not flagged deleted
+    (blocking: it stats the -D file)."""
+    with open(data_path, "rb") as f:
+        first = f.readline(256)
+        body = os.fstat(f.fileno()).st_size - len(first)
+    return body + 1 + sum(len(h.text) for h in message.headers if h.flag != "*")
