@@ -97,3 +97,18 @@ class CommandTests(unittest.TestCase):
         self.assertIn(b"LOG: TLS error on connection from (x) [192.0.2.1] (SSL_accept): "
                       b"host checking input cannot start TLS\n", proc.stderr)
         self.assertNotIn(b"Traceback", proc.stderr)
+
+    def test_brt_prints_the_matching_rule(self) -> None:
+        config = self.write("retry.conf", "primary_hostname = h.test\nbegin retry\n"
+                                          "*.example.com  refused  F,1h,5m\n"
+                                          "*  *  F,2h,15m; G,16h,1h,1.5; F,4d,6h\n")
+        proc = self.run_command("-C", config, "-brt", "mx.example.com", "refused")
+        self.assertEqual(proc.stdout, b"Retry rule: *.example.com  refused  F,1h,5m; \n")
+        proc = self.run_command("-C", config, "-brt", "a@other.test")
+        self.assertEqual(proc.stdout, b"Retry rule: *  *  F,2h,15m; G,16h,1h,1.5; F,4d,6h; \n")
+
+    def test_bad_retry_rule_is_a_configuration_error(self) -> None:
+        config = self.write("bad.conf", "primary_hostname = h.test\nbegin retry\n* * X,1h\n")
+        proc = self.run_command("-C", config, "-bV")
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn(b"Exim configuration error in line 3", proc.stderr)

@@ -68,7 +68,7 @@ def parse_arguments(argv: Sequence[str]) -> Invocation:
             text, i = _attached_or_next(arg, 2, args, i)
             name, _, value = text.partition("=")
             inv.defines[name.strip()] = value.strip()
-        elif arg in ("-be", "-bV", "-bP", "-bs", "-bd", "-bdf"):
+        elif arg in ("-be", "-bV", "-bP", "-bs", "-bd", "-bdf", "-brt"):
             inv.mode = arg[1:]
         elif arg in ("-bh", "-bhc"):
             inv.mode = "bh"
@@ -216,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from twisted_mta.hostcheck import local_session
 
         return local_session(config, sys.stdin.buffer, out, sys.stderr.buffer)
+    if inv.mode == "brt":
+        return retry_test(config, inv)
     if inv.mode == "q":
         from twisted_mta.queue.command import queue_run
 
@@ -236,6 +238,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_daemon(config, ports=inv.ports, pid_file=inv.pid_file,
                           queue_interval=inv.queue_interval)
     return expansion_test(config, inv.arguments, sys.stdin.buffer, out)
+
+
+def retry_test(config, inv: Invocation) -> int:
+    """``-brt host|domain|address [domain] [error]``: the matching rule."""
+    from twisted_mta.expand.context import ExpansionContext
+    from twisted_mta.queue.retry import RetryRules, brt_output
+
+    found: list[tuple[str, int]] = []
+
+    async def test() -> None:
+        found.append(await brt_output(RetryRules(config), inv.arguments, sender=inv.sender,
+                                      ctx=ExpansionContext(config=config)))
+
+    run_coroutine(test())
+    text, status = found[0]
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return status
 
 
 def submit_message(config, inv: Invocation) -> int:

@@ -383,5 +383,10 @@ def load_config(path: str, defines: dict[str, str] | None = None) -> Config:
             text = f.read().decode("latin-1")
     except OSError as exc:
         raise ConfigError(f"failed to open configuration file {path}: {exc.strerror}") from None
-    return parse_config_text(text, path, defines)
+    config = parse_config_text(text, path, defines)
+    # Exim reads the retry rules with the file, so a bad one stops it here.
+    from twisted_mta.queue.retry import RetryRules
+
+    RetryRules(config)
+    return config
 
