@@ -14,8 +14,6 @@ from typing import Any
 
 from twisted_mta.acl.engine import DEFER, ERROR, FAIL, OK
 from twisted_mta.expand.addresses import AddressError, extract_address, find_address_end
-from twisted_mta.expand.errors import ExpansionError, ForcedFailure
-from twisted_mta.lists import ListDefer, match_list
 
 _ADDRESS_HEADERS = ("sender", "reply-to", "from", "to", "cc", "bcc", "resent-sender",
                     "resent-reply-to", "resent-from", "resent-to", "resent-cc", "resent-bcc")
@@ -146,134 +144,31 @@ def not_blind(server: Any) -> bool:
 
 
 async def verify_address(session: Any, address: str, *, recipient: bool) -> VerifyResult:
-    """Route *address* through the routers in verify mode."""
+    """Route *address* through the routers in verify mode (the routing
+    engine, as delivery uses it, with the verify preconditions)."""
+    from twisted_mta.queue.address import DeliveryAddress
+    from twisted_mta.routers.engine import (
+        ACCEPT,
+        FAIL,
+        VERIFY_RECIPIENT,
+        VERIFY_SENDER,
+        RoutingContext,
+        route_address,
+    )
+    from twisted_mta.taint import taint
+
     server = session.server
-    ctx = server.ctx
-    variables = ctx.variables
-    local_part, _, domain = address.rpartition("@")
-    saved = {n: variables.get(n) for n in ("local_part", "domain", "address_data")}
-    variables["local_part"], variables["domain"] = local_part, domain
-    try:
-        for router in server.config.routers:
-            decision = await _try_router(router, ctx, address, recipient)
-            if decision is not None:
-                return decision
-        return VerifyResult(False, message="Unrouteable address")
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                variables.pop(name, None)
-            else:
-                variables[name] = value
-
-
-async def _expand_option(router: Any, ctx: Any, name: str) -> str | None:
-    value = router.get(name)
-    if value is None:
-        return None
-    return await ctx.expand(str(value))
-
-
-async def _try_router(router: Any, ctx: Any, address: str, recipient: bool
-                      ) -> VerifyResult | None:
-    """None when the router declines (or is skipped)."""
-    if "verify" in router.options and not router.options["verify"]:
-        return None
-    if not router.get("verify_recipient" if recipient else "verify_sender", True):
-        return None
-    try:
-        for option, kind, subject in (("domains", "domain", ctx.variables["domain"]),
-                                      ("local_parts", "localpart",
-                                       ctx.variables["local_part"]),
-                                      ("senders", "address",
-                                       ctx.variables.get("sender_address", ""))):
-            text = await _expand_option(router, ctx, option)
-            if text is None:
-                continue
-            found = await match_list(subject, text, kind, ctx)
-            if found is None:
-                return None
-            if option == "domains":
-                ctx.variables["domain_data"] = found.value
-            elif option == "local_parts":
-                ctx.variables["local_part_data"] = found.value
-        condition = router.get("condition")
-        if condition is not None:
-            from twisted_mta.expand.operators import parse_bool
-
-            if not parse_bool(await ctx.expand(str(condition)), False):
-                return None
-        address_data = router.get("address_data")
-        if address_data is not None:
-            ctx.variables["address_data"] = await ctx.expand(str(address_data))
-    except ForcedFailure:
-        return None
-    except ListDefer as e:
-        return VerifyResult(False, defer=True, message=e.message, router=router.name,
-                            private=True)
-    except ExpansionError as e:
-        return VerifyResult(False, defer=True, message=e.message, router=router.name,
-                            private=True)
-    return await _driver_decision(router, ctx, address)
-
-
-async def _driver_decision(router: Any, ctx: Any, address: str) -> VerifyResult | None:
-    driver = router.driver
-    if driver == "redirect":
-        try:
-            data = await _expand_option(router, ctx, "data")
-        except ForcedFailure:
-            return None
-        except ExpansionError as e:
-            return VerifyResult(False, defer=True, message=e.message, router=router.name,
-                                private=True)
-        if data is None or not data.strip():
-            return None
-        text = data.strip()
-        # Each special needs its permission (allow_fail, allow_defer; not
-        # forbid_blackhole), else the redirect data is in error: a defer.
-        for special, result, permitted in (
-                (":fail:", False, router.get("allow_fail", False)),
-                (":defer:", None, router.get("allow_defer", False)),
-                (":blackhole:", True, not router.get("forbid_blackhole", False))):
-            if not text.startswith(special):
-                continue
-            if not permitted:
-                item = text[:find_address_end(text)].rstrip()
-                return VerifyResult(False, defer=True, router=router.name, private=True,
-                                    message=f'error in redirect data: "{item}" is not '
-                                            f'permitted')
-            reason = text[len(special):].strip() or None
-            if result is None:
-                return VerifyResult(False, defer=True, message=reason or "forced defer",
-                                    router=router.name)
-            if result is False:
-                return VerifyResult(False, message=reason or "forced rejection",
-                                    router=router.name)
-            return VerifyResult(True, message=reason, router=router.name)
-        return VerifyResult(True, router=router.name)
-    if driver == "ipliteral":
-        domain = ctx.variables["domain"]
-        if not (domain.startswith("[") and domain.endswith("]")):
-            return None
-        return VerifyResult(True, router=router.name)
-    if driver == "dnslookup":
-        resolver = ctx.resolver
-        if resolver is None:
-            return VerifyResult(True, router=router.name)
-        from twisted_mta.dns import DnsNotFound, DnsTempFail
-
-        domain = ctx.variables["domain"]
-        try:
-            await resolver.lookup(domain, "MX")
-        except DnsNotFound:
-            try:
-                await resolver.host_addresses(domain)
-            except DnsNotFound:
-                return None
-            except DnsTempFail:
-                return VerifyResult(False, defer=True, router=router.name)
-        except DnsTempFail:
-            return VerifyResult(False, defer=True, router=router.name)
-        return VerifyResult(True, router=router.name)
-    return VerifyResult(True, router=router.name)
+    rctx = RoutingContext(server.config, server.ctx,
+                          VERIFY_RECIPIENT if recipient else VERIFY_SENDER,
+                          sender=server.vars.get("sender_address", ""))
+    routed = await route_address(rctx, DeliveryAddress(taint(address)))
+    if routed.kind == ACCEPT:
+        if routed.problems and not routed.deliveries:
+            problem = routed.problems[0]
+            return VerifyResult(False, defer=problem.status != "failed",
+                                message=problem.message, router=routed.router)
+        return VerifyResult(True, router=routed.router)
+    if routed.kind == FAIL:
+        return VerifyResult(False, message=routed.message, router=routed.router)
+    return VerifyResult(False, defer=True, message=routed.message, router=routed.router,
+                        private=not routed.pass_message)
