@@ -68,7 +68,7 @@ def parse_arguments(argv: Sequence[str]) -> Invocation:
             text, i = _attached_or_next(arg, 2, args, i)
             name, _, value = text.partition("=")
             inv.defines[name.strip()] = value.strip()
-        elif arg in ("-be", "-bV", "-bP", "-bs", "-bd", "-bdf", "-brt"):
+        elif arg in ("-be", "-bV", "-bP", "-bs", "-bd", "-bdf", "-brt", "-bt", "-bv", "-bvs"):
             inv.mode = arg[1:]
         elif arg in ("-bh", "-bhc"):
             inv.mode = "bh"
@@ -171,9 +171,8 @@ def version_text(config_path: str | None) -> str:
         # What works today; features join these lists as they land.
         "Support for: crypteq IPv6 OpenSSL DNSSEC OCSP PRDR PROXY",
         "Lookups (built-in): lsearch wildlsearch nwildlsearch iplsearch dnsdb dsearch redis",
-        "Routers (address verification only): accept dnslookup ipliteral manualroute "
-        "redirect",
-        "Transports: none yet (messages stay on the spool)",
+        "Routers: accept dnslookup ipliteral manualroute redirect",
+        "Transports: appendfile/maildir/mailstore lmtp pipe",
     ]
     if config_path:
         lines.append(f"Configuration file is {config_path}")
@@ -216,6 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from twisted_mta.hostcheck import local_session
 
         return local_session(config, sys.stdin.buffer, out, sys.stderr.buffer)
+    if inv.mode in ("bt", "bv", "bvs"):
+        from twisted_mta.routers.addresstest import address_test_main
+
+        return address_test_main(config, inv.arguments, inv.mode != "bt", inv.mode == "bvs",
+                                 sys.stdin.buffer, out, envelope_sender=inv.sender)
     if inv.mode == "brt":
         return retry_test(config, inv)
     if inv.mode == "q":

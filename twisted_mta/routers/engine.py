@@ -20,6 +20,9 @@ from twisted_mta.queue.address import DeliveryAddress
 
 # What a router (or the whole routing) decided.
 ACCEPT, PASS, DECLINE, FAIL, DEFER = "accept", "pass", "decline", "fail", "defer"
+#: A driver changed the domain (self = reroute:, dnslookup widening): its
+#: single child is routed again from the first router (Exim's REROUTED).
+REROUTE = "reroute"
 
 # Modes: a real delivery, an ACL's verify, -bt (address_test), EXPN.
 DELIVER, VERIFY_RECIPIENT, VERIFY_SENDER, ADDRESS_TEST, EXPN = (
@@ -58,6 +61,11 @@ class Routed:
     deliveries: list[DeliveryAddress] = field(default_factory=list)
     #: The addresses that failed or were deferred among the children.
     problems: list[DeliveryAddress] = field(default_factory=list)
+    #: From L{route_one} only: the generated addresses, not yet routed,
+    #: each with the router it starts at (None: the first).
+    children: list[tuple[DeliveryAddress, str | None]] = field(default_factory=list)
+    #: The router rerouted the address (its one child has the new domain).
+    rerouted: bool = False
 
 
 @dataclass
@@ -72,6 +80,9 @@ class RoutingContext:
     #: Addresses already routed in this delivery (their ``unique``), for
     #: the duplicate check.
     seen: set[str] = field(default_factory=set)
+    #: same_domain_copy_routing: the routing of top-level addresses by
+    #: domain, for the others with that domain.
+    domain_routing: dict[str, DeliveryAddress] = field(default_factory=dict)
 
     @property
     def verifying(self) -> bool:
@@ -96,12 +107,32 @@ async def route_address(rctx: RoutingContext, address: DeliveryAddress,
                         start: str | None = None, depth: int = 0) -> Routed:
     """Route *address* from the first router (or router *start*), and
     route any children it generates in their turn."""
+    copied = _copy_domain_routing(rctx, address, start)
+    if copied is not None:
+        return copied
+    routed = await route_one(rctx, address, start)
+    _remember_domain_routing(rctx, address, routed, start)
+    if not routed.children:
+        return routed
+    return await _route_children(rctx, routed, depth)
+
+
+async def route_one(rctx: RoutingContext, address: DeliveryAddress,
+                    start: str | None = None) -> Routed:
+    """Run the routers for *address* alone: the generated addresses are
+    returned in C{children}, unrouted (Exim's addr_new), so that -bt and
+    -bv can walk them in Exim's order."""
     config = rctx.config
     routers = list(config.routers)
     index = 0
     if start is not None:
         index = next((i for i, r in enumerate(routers) if r.name == start), 0)
     saved = {n: rctx.ctx.variables.get(n) for n in _ROUTING_VARIABLES}
+    saved.update({n: v for n, v in rctx.ctx.variables.items() if n.startswith("r_")})
+    # A declining or passing router's message stays with the address
+    # (Exim's addr->message), e.g. "IP literal host explicitly ignored".
+    message: str | None = None
+    pass_message = False
     try:
         while index < len(routers):
             router = routers[index]
@@ -123,6 +154,11 @@ async def route_address(rctx: RoutingContext, address: DeliveryAddress,
                 result = await driver.route(router, address, rctx)
             except ExpansionError as e:
                 result = RouterResult(DEFER, e.message)
+            if result.kind in (ACCEPT, PASS) and await _fail_verify(rctx, router):
+                return Routed(FAIL, address, router.name,
+                              f"{router.name} router forced verify failure")
+            if result.kind in (PASS, DECLINE) and result.message is not None:
+                message, pass_message = result.message, result.pass_message
             if result.kind == PASS:
                 target = router.get("pass_router")
                 if target:
@@ -135,19 +171,39 @@ async def route_address(rctx: RoutingContext, address: DeliveryAddress,
             if result.kind in (FAIL, DEFER):
                 return Routed(result.kind, address, router.name, result.message,
                               result.pass_message)
+            if result.kind == REROUTE:
+                return Routed(ACCEPT, address, router.name, rerouted=True,
+                              children=[(child, None) for child in result.children])
             address.router = router.name
             try:
                 await _apply_generic_options(rctx, router, address)
             except _Defer as e:
                 return Routed(DEFER, address, router.name, str(e))
+            routed = Routed(ACCEPT, address, router.name)
+            for child in result.children:
+                if child.pipe_command is not None or child.file_path is not None \
+                        or child.discarded is not None:
+                    child.router = router.name  # pipes and files are not routed again
             if result.children:
-                return await _route_children(rctx, router, address, result, depth)
-            return Routed(ACCEPT, address, router.name, deliveries=[address])
-        message = None
-        if routers:
+                start_children = router.get("redirect_router")
+                routed.children = [(child, start_children) for child in result.children]
+            else:
+                routed.deliveries = [address]
+            try:
+                unseen = await _unseen(rctx, router)
+            except _Defer as e:
+                return Routed(DEFER, address, router.name, str(e))
+            if unseen and index < len(routers):
+                routed.children.insert(0, (_unseen_clone(address, router), routers[index].name))
+            return routed
+        if message is None and routers:
             message = await _cannot_route_message(rctx, routers[min(index, len(routers)) - 1])
-        return Routed(FAIL, address, None, message or "Unrouteable address", True)
+            pass_message = True
+        return Routed(FAIL, address, None, message or "Unrouteable address", pass_message)
     finally:
+        for name in [n for n in rctx.ctx.variables if n.startswith("r_")]:
+            if name not in saved:
+                del rctx.ctx.variables[name]
         for name, value in saved.items():
             if value is None:
                 rctx.ctx.variables.pop(name, None)
@@ -155,16 +211,100 @@ async def route_address(rctx: RoutingContext, address: DeliveryAddress,
                 rctx.ctx.variables[name] = value
 
 
-async def _route_children(rctx: RoutingContext, router: Any, parent: DeliveryAddress,
-                          result: RouterResult, depth: int) -> Routed:
-    routed = Routed(ACCEPT, parent, router.name)
+async def _fail_verify(rctx: RoutingContext, router: Any) -> bool:
+    """fail_verify_sender / fail_verify_recipient (fail_verify sets both):
+    success while verifying becomes failure."""
+    both = bool(router.options.get("fail_verify"))
+    if rctx.mode == VERIFY_SENDER:
+        return both or bool(router.get("fail_verify_sender"))
+    if rctx.mode == VERIFY_RECIPIENT:
+        return both or bool(router.get("fail_verify_recipient"))
+    return False
+
+
+def _unseen_clone(address: DeliveryAddress, router: Any) -> DeliveryAddress:
+    """route_unseen(): the routed address gets an invented parent (a copy
+    of itself) and a sibling clone that goes on to the next router; the
+    original's unique gets ``/router`` so the two are not duplicates."""
+    import dataclasses
+
+    grandparent = address.parent
+    parent = dataclasses.replace(address, extra=dict(address.extra))
+    parent.errors_to = grandparent.errors_to if grandparent is not None else None
+    address.parent = parent
+    address.extra["unique"] = f"{unique_of(address)}/{router.name}"
+    clone = parent.child(address.address, address_data=address.address_data)
+    clone.errors_to = parent.errors_to
+    return clone
+
+
+def unique_of(address: DeliveryAddress) -> str:
+    """The address's ``unique`` (changed for an address routed unseen)."""
+    return address.extra.get("unique") or address.unique
+
+
+async def _unseen(rctx: RoutingContext, router: Any) -> bool:
+    value = router.get("unseen", False)
+    if isinstance(value, str):
+        from twisted_mta.expand.operators import parse_bool
+
+        try:
+            return parse_bool(await rctx.ctx.expand(value), False)
+        except ForcedFailure:
+            return False
+        except ExpansionError as e:
+            raise _Defer(f'failed to expand "{value}" (unseen): {e.message}') from None
+    return bool(value)
+
+
+def _copy_domain_routing(rctx: RoutingContext, address: DeliveryAddress,
+                         start: str | None) -> Routed | None:
+    """same_domain_copy_routing: a later top-level address with the domain
+    of one a router with that option routed remotely takes its routing."""
+    if rctx.mode != DELIVER or start is not None or address.parent is not None:
+        return None
+    model = rctx.domain_routing.get(address.domain.lower())
+    if model is None:
+        return None
+    address.router = model.router
+    address.transport = model.transport
+    address.hosts = list(model.hosts)
+    address.errors_to = model.errors_to
+    if "fallback_hosts" in model.extra:
+        address.extra["fallback_hosts"] = list(model.extra["fallback_hosts"])
+    return Routed(ACCEPT, address, model.router, deliveries=[address])
+
+
+def _remember_domain_routing(rctx: RoutingContext, address: DeliveryAddress, routed: Routed,
+                             start: str | None) -> None:
+    if rctx.mode != DELIVER or start is not None or address.parent is not None \
+            or routed.kind != ACCEPT or routed.children or routed.router is None:
+        return
+    router = rctx.config.router(routed.router) if hasattr(rctx.config, "router") else None
+    if router is None or not router.get("same_domain_copy_routing"):
+        return
+    if address.headers_add or address.headers_remove or not _is_remote(rctx, address.transport):
+        return
+    rctx.domain_routing.setdefault(address.domain.lower(), address)
+
+
+def _is_remote(rctx: RoutingContext, transport: str | None) -> bool:
+    config = rctx.config
+    instance = config.transport(transport) if transport and hasattr(config, "transport") \
+        else None
+    return instance is not None and instance.driver == "smtp"
+
+
+async def _route_children(rctx: RoutingContext, parent_routed: Routed, depth: int) -> Routed:
+    parent = parent_routed.address
+    routed = Routed(ACCEPT, parent, parent_routed.router,
+                    deliveries=list(parent_routed.deliveries))
     if depth > 20:
-        return Routed(DEFER, parent, router.name, "too many levels of redirection")
-    start = router.get("redirect_router")
-    for child in result.children:
+        return Routed(DEFER, parent, parent_routed.router, "too many levels of redirection")
+    for child, start in parent_routed.children:
         if child.pipe_command is not None or child.file_path is not None \
                 or child.discarded is not None:
-            child.router = router.name
+            child.router = parent_routed.router
             if child.unique not in rctx.seen:
                 rctx.seen.add(child.unique)
                 routed.deliveries.append(child)
@@ -196,16 +336,38 @@ def _routed_by_ancestor(router: Any, address: DeliveryAddress) -> bool:
     return False
 
 
+def local_part_of(address: DeliveryAddress) -> str:
+    """The local part as routers see it (deliver_split_address()): double
+    quotes removed and backslash escapes undone, case kept."""
+    text = address.local_part
+    if '"' not in text and "\\" not in text:
+        return text
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            i += 1
+            continue
+        if c == "\\" and i + 1 < len(text):
+            i += 1
+            c = text[i]
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def _set_address_variables(rctx: RoutingContext, address: DeliveryAddress) -> None:
     variables = rctx.ctx.variables
-    variables["local_part"] = address.local_part
-    variables["domain"] = address.domain
+    variables["local_part"] = local_part_of(address)
+    # Domains are caseless: Exim keeps them lowercased.
+    variables["domain"] = address.domain.lower()
     variables["router_name"] = ""
     top = address.top
-    variables["original_local_part"] = top.local_part
+    variables["original_local_part"] = local_part_of(top)
     variables["original_domain"] = top.domain
     if address.parent is not None:
-        variables["parent_local_part"] = address.parent.local_part
+        variables["parent_local_part"] = local_part_of(address.parent)
         variables["parent_domain"] = address.parent.domain
     for name in ("local_part_prefix", "local_part_suffix", "local_part_prefix_v",
                  "local_part_suffix_v", "local_part_data", "domain_data", "home",
@@ -215,6 +377,16 @@ def _set_address_variables(rctx: RoutingContext, address: DeliveryAddress) -> No
         variables["address_data"] = address.address_data
     else:
         variables.pop("address_data", None)
+    for name in [n for n in variables if n.startswith("r_")]:
+        del variables[name]
+    chain = []
+    ancestor: DeliveryAddress | None = address
+    while ancestor is not None:
+        chain.append(ancestor)
+        ancestor = ancestor.parent
+    for ancestor in reversed(chain):
+        for name, value in ancestor.router_variables.items():
+            variables["r_" + name] = value
 
 
 async def _expand(rctx: RoutingContext, router: Any, option: str) -> str | None:
@@ -294,10 +466,39 @@ async def _check_preconditions(rctx: RoutingContext, router: Any,
         value = await _expand(rctx, router, "condition")
         if not parse_bool(value or "", False):
             raise _Skip()
+    await _set_router_variables(rctx, router, address)
     address_data = router.get("address_data")
     if address_data is not None:
         address.address_data = await _expand(rctx, router, "address_data")
         variables["address_data"] = address.address_data or ""
+
+
+async def _set_router_variables(rctx: RoutingContext, router: Any,
+                                address: DeliveryAddress) -> None:
+    """The ``set`` option (route.c set_router_vars()): ``r_name = value``
+    items separated by ``;``, each expanded in turn and visible as
+    ``$r_name`` to what follows, for this address and its children.  A
+    forced failure passes the address on, as a decline does."""
+    text = router.get("set")
+    if not text:
+        return
+    from twisted_mta.values import split_list
+
+    variables = rctx.ctx.variables
+    for item in split_list(str(text), ";"):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if not name.startswith("r_") or len(name) < 3:
+            raise _Defer(f"bad router variable name '{name}' in router '{router.name}'")
+        try:
+            expanded = await rctx.ctx.expand(value.lstrip())
+        except ForcedFailure:
+            raise _Skip() from None
+        except ExpansionError as e:
+            raise _Defer(f'expansion of "{item}" failed in {router.name} router: '
+                         f"{e.message}") from None
+        address.router_variables[name[2:]] = expanded
+        variables[name] = expanded
 
 
 def _strip_affixes(router: Any, address: DeliveryAddress, variables: dict) -> None:
@@ -305,7 +506,10 @@ def _strip_affixes(router: Any, address: DeliveryAddress, variables: dict) -> No
     skips the router; a present one is removed for the remaining tests."""
     from twisted_mta.values import split_list
 
-    local_part = address.local_part
+    local_part = local_part_of(address)
+    if not router.get("caseful_local_part"):
+        # Exim's lc_local_part, unless the router asks for the original.
+        local_part = local_part.lower()
     for option, is_prefix in (("local_part_prefix", True), ("local_part_suffix", False)):
         text = router.get(option)
         if text is None:
@@ -417,3 +621,11 @@ async def _apply_generic_options(rctx: RoutingContext, router: Any,
             address.transport = name
     if router.get("dsn_lasthop"):
         address.dsn_lasthop = True
+    fallback = router.get("fallback_hosts")
+    if fallback and _is_remote(rctx, address.transport):
+        # Not expanded, as in Exim; the transport finds their addresses
+        # (a name may end in ::port).
+        from twisted_mta.queue.address import Host
+        from twisted_mta.values import split_list
+
+        address.extra["fallback_hosts"] = [Host(name) for name in split_list(str(fallback))]

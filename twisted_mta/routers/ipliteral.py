@@ -1,5 +1,5 @@
 """The ``ipliteral`` router: ``user@[192.0.2.1]`` goes straight to that
-address."""
+address (ipliteral.c): ``ignore_target_hosts`` and ``self`` apply."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from typing import Any
 from zope.interface import implementer
 
 from twisted_mta.interfaces import IRouter
-from twisted_mta.lists import parse_ip
-from twisted_mta.queue.address import Host
 from twisted_mta.routers.engine import ACCEPT, DECLINE, RouterResult
 
 
@@ -18,13 +16,36 @@ class IpliteralRouter:
     name = "ipliteral"
 
     async def route(self, instance: Any, address: Any, context: Any) -> RouterResult:
-        domain = address.domain
+        from twisted_mta.routers.hostlookup import (
+            HOST_FOUND_LOCAL,
+            HostItem,
+            expand_list,
+            is_ignored,
+            parse_ip,
+            scan_for_local_hosts,
+            self_action,
+        )
+
+        domain = address.domain.lower()
         if not (domain.startswith("[") and domain.endswith("]")):
             return RouterResult(DECLINE)
         literal = domain[1:-1]
-        if literal.lower().startswith("ipv6:"):
+        if literal[:5] in ("ipv6:", "ipv4:"):
             literal = literal[5:]
-        if parse_ip(literal) is None:
+        parsed = parse_ip(literal)
+        config = context.config
+        if parsed is None or "%" in literal or (parsed.version == 6 and config.get(
+                "disable_ipv6")):
             return RouterResult(DECLINE)
-        address.hosts = [Host(domain, literal)]
+        ctx = context.ctx
+        ignore = await expand_list(instance.get("ignore_target_hosts"), ctx)
+        if await is_ignored(domain, literal, ignore, ctx):
+            return RouterResult(DECLINE, "IP literal host explicitly ignored")
+        host = HostItem(domain, literal)
+        found, _, _ = await scan_for_local_hosts([host], ctx)
+        if found == HOST_FOUND_LOCAL:
+            action = await self_action(instance, address, host, context)
+            if action is not None:
+                return action
+        address.hosts = [host.to_host()]
         return RouterResult(ACCEPT)

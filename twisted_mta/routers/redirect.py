@@ -47,6 +47,13 @@ class RedirectRouter:
                                        f"{e.strerror}")
         if text is None or not _significant(text):
             return RouterResult(DECLINE)
+        kind = filter_type(text)
+        if kind is not None:
+            # exim-py does not interpret filters; Exim defers them too when
+            # allow_filter is not set.
+            why = "filtering not enabled" if not instance.get("allow_filter") else \
+                f"{kind} filtering is not supported by exim-py"
+            return RouterResult(DEFER, f"error in filter {source}: {why}")
         try:
             items = await self._items(instance, text, address, context)
         except RedirectError as e:
@@ -89,9 +96,12 @@ class RedirectRouter:
         items: list[Any] = []
         for raw in _split_items(text):
             item = raw.strip()
-            if len(item) >= 2 and item[0] == '"' and item[-1] == '"' and \
-                    item[1:2] in ("|", "/"):
+            inquote = len(item) >= 2 and item[0] == '"' and item[-1] == '"'
+            if inquote:
+                # Quotes that enclose the whole item go (parse_forward_list()).
                 item = item[1:-1].strip()
+                if item[:1] in ("|", "/"):
+                    item = _unescape(item)
             if not item or item == ":unknown:":
                 continue
             special = next((s for s in _SPECIALS if item.lower().startswith(s)), None)
@@ -126,17 +136,19 @@ class RedirectRouter:
             if item.startswith("/"):
                 if instance.get("forbid_file"):
                     raise RedirectError(f'"{item}" is not permitted')
-                option = "directory_transport" if item.endswith("/") and \
-                    instance.get("directory_transport") else "file_transport"
+                # Exim: a trailing "/" always means directory_transport.
+                option = "directory_transport" if item.endswith("/") else "file_transport"
                 child = parent.child(item, file_path=item)
                 child.transport = await _special_transport(instance, context, option)
                 items.append(child)
                 continue
             escaped = item.startswith("\\")
-            if escaped:
-                item = item[1:]
             try:
-                found, domain_at = extract_address(item)
+                found, domain_at = extract_address(item[1:] if escaped else item)
+                if escaped and domain_at:
+                    # "\user@domain": Exim parses the whole item again, so
+                    # the backslash stays in the address (a quoted "\u").
+                    found, domain_at = extract_address(item)
             except AddressError as e:
                 if instance.get("skip_syntax_errors"):
                     continue
@@ -149,6 +161,44 @@ class RedirectRouter:
                 found = f"{found}@{domain}"
             items.append(parent.child(found))
         return items
+
+
+def _unescape(text: str) -> str:
+    """A quoted pipe or file: each backslash takes the next character."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text):
+            i += 1
+        out.append(text[i])
+        i += 1
+    return "".join(out)
+
+
+def _match_tag(text: str, tag: str) -> bool:
+    """rda.c match_tag(): caseless, a space in *tag* matching any run of
+    blanks (or none)."""
+    pos = 0
+    for char in tag:
+        if char == " ":
+            while pos < len(text) and text[pos] in " \t":
+                pos += 1
+            continue
+        if pos >= len(text) or text[pos].lower() != char:
+            return False
+        pos += 1
+    return True
+
+
+def filter_type(text: str) -> str | None:
+    """"Exim" or "Sieve" when the redirection data is a filter program
+    (rda_is_filter()), else None."""
+    stripped = text.lstrip(" \t\n\r\f\v")
+    if _match_tag(stripped, "# exim filter"):
+        return "Exim"
+    if _match_tag(stripped, "# sieve filter"):
+        return "Sieve"
+    return None
 
 
 def _discard(address: DeliveryAddress) -> RouterResult:
