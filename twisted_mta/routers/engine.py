@@ -17,6 +17,7 @@ from typing import Any
 from twisted_mta.expand.errors import ExpansionError, ForcedFailure
 from twisted_mta.lists import ListDefer, match_list
 from twisted_mta.queue.address import DeliveryAddress
+from twisted_mta.taint import taint
 
 # What a router (or the whole routing) decided.
 ACCEPT, PASS, DECLINE, FAIL, DEFER = "accept", "pass", "decline", "fail", "defer"
@@ -175,6 +176,7 @@ async def route_one(rctx: RoutingContext, address: DeliveryAddress,
                 return Routed(ACCEPT, address, router.name, rerouted=True,
                               children=[(child, None) for child in result.children])
             address.router = router.name
+            _keep_router_variables(rctx, address)
             try:
                 await _apply_generic_options(rctx, router, address)
             except _Defer as e:
@@ -357,18 +359,32 @@ def local_part_of(address: DeliveryAddress) -> str:
     return "".join(out)
 
 
+#: What a router sets that its transport sees too.
+ROUTER_SET_VARIABLES = ("local_part_data", "domain_data", "home", "local_user_uid",
+                        "local_user_gid", "local_part_prefix", "local_part_suffix",
+                        "local_part_prefix_v", "local_part_suffix_v")
+
+
+def _keep_router_variables(rctx: RoutingContext, address: DeliveryAddress) -> None:
+    variables = rctx.ctx.variables
+    address.extra["router_variables"] = {
+        name: variables[name] for name in ROUTER_SET_VARIABLES if name in variables}
+
+
 def _set_address_variables(rctx: RoutingContext, address: DeliveryAddress) -> None:
     variables = rctx.ctx.variables
-    variables["local_part"] = local_part_of(address)
+    # Addresses come from the message, so they are tainted; a router's
+    # $local_part_data and $domain_data (from a list or lookup) are not.
+    variables["local_part"] = taint(local_part_of(address))
     # Domains are caseless: Exim keeps them lowercased.
-    variables["domain"] = address.domain.lower()
+    variables["domain"] = taint(address.domain.lower())
     variables["router_name"] = ""
     top = address.top
-    variables["original_local_part"] = local_part_of(top)
-    variables["original_domain"] = top.domain
+    variables["original_local_part"] = taint(local_part_of(top))
+    variables["original_domain"] = taint(top.domain)
     if address.parent is not None:
-        variables["parent_local_part"] = local_part_of(address.parent)
-        variables["parent_domain"] = address.parent.domain
+        variables["parent_local_part"] = taint(local_part_of(address.parent))
+        variables["parent_domain"] = taint(address.parent.domain)
     for name in ("local_part_prefix", "local_part_suffix", "local_part_prefix_v",
                  "local_part_suffix_v", "local_part_data", "domain_data", "home",
                  "local_user_uid", "local_user_gid"):
@@ -447,6 +463,7 @@ async def _check_preconditions(rctx: RoutingContext, router: Any,
             entry = pwd.getpwnam(local_part)
         except KeyError:
             raise _Skip() from None
+        variables["local_part_data"] = entry.pw_name
         variables["home"] = entry.pw_dir
         variables["local_user_uid"] = str(entry.pw_uid)
         variables["local_user_gid"] = str(entry.pw_gid)
