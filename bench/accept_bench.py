@@ -2,7 +2,8 @@
 
 Both servers run as daemons on loopback with equivalent configurations
 (an RCPT ACL accepting the local domain, spool in a temporary directory,
-no DNS or ident look-ups, queue only: nothing is delivered), and Postfix's
+no DNS or ident look-ups, ``queue_only = true`` for both: nothing is
+delivered, so every message stays on the spool to be counted), and Postfix's
 ``smtp-source`` sends a fixed number of messages to each, for 1 KB and
 100 KB messages over 1 and 50 concurrent sessions.  Each cell reports
 messages accepted per second for both and the ratio exim-py / Exim.  After
@@ -49,9 +50,12 @@ SENDER, RECIPIENT = "sender@localhost", "rcpt@localhost"
 # (Exim's default smtp_accept_max_per_connection is 1000).  Exim's listen
 # backlog defaults to 20: 50 sessions connecting at once overflow it and the
 # kernel drops SYNs, which clients retry a second later; exim-py (Twisted's
-# default of 50) accepts the option but does not use it yet.
+# default of 50) accepts the option but does not use it yet.  queue_only is
+# common: exim-py delivers straight after reception too, and a delivery
+# (here an unroutable address and a bounce) would empty the spool.
 COMMON = """\
 primary_hostname = mta.test
+queue_only = true
 domainlist local_domains = localhost
 daemon_smtp_ports = {port}
 local_interfaces = 127.0.0.1
@@ -75,7 +79,6 @@ EXIM_ONLY = """\
 exim_user = root
 exim_group = root
 never_users =
-queue_only = true
 """
 
 
