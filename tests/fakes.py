@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 
 class FakeConfig:
@@ -26,3 +30,28 @@ async def fails(awaitable: Any, exc_type: type[BaseException]) -> BaseException:
     except exc_type as e:
         return e
     raise AssertionError(f"{exc_type.__name__} not raised")
+
+
+class ImmediateReactor(Clock):
+    """A Clock that is also the reactor: callFromThread runs at once."""
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+
+class ImmediateThreadPool:
+    """Runs "threaded" work at once, as deferToThreadPool asks it to."""
+
+    def callInThreadWithCallback(self, on_result: Callable[[bool, Any], None] | None,
+                                 f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            if on_result is not None:
+                on_result(False, Failure())
+            return
+        if on_result is not None:
+            on_result(True, result)
+
+    def callInThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self.callInThreadWithCallback(None, f, *args, **kwargs)

@@ -25,10 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 
+from tests.fakes import ImmediateReactor, ImmediateThreadPool
 from twisted_mta.config import parse_config_text
 from twisted_mta.log import EximLog, SyncLogWriter
 from twisted_mta.smtp.server import ConnectionSettings, ESMTPServer
@@ -183,31 +182,6 @@ def log_pattern(expected: str, placeholders: dict[str, str]) -> re.Pattern[str]:
 
 
 # -- the harness ----------------------------------------------------------------------
-
-
-class ImmediateReactor(Clock):
-    """A Clock that is also the reactor: callFromThread runs at once."""
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
-
-
-class ImmediateThreadPool:
-    """Runs "threaded" work at once, as deferToThreadPool asks it to."""
-
-    def callInThreadWithCallback(self, on_result: Callable[[bool, Any], None] | None,
-                                 f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            if on_result is not None:
-                on_result(False, Failure())
-            return
-        if on_result is not None:
-            on_result(True, result)
-
-    def callInThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        self.callInThreadWithCallback(None, f, *args, **kwargs)
 
 
 class ManualThreadPool(ImmediateThreadPool):

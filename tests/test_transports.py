@@ -26,13 +26,13 @@ import subprocess
 import tempfile
 import time
 import unittest
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, reactor, task
 from twisted.python.failure import Failure
 from twisted.trial import unittest as trial
 
+from tests.fakes import ImmediateReactor, ImmediateThreadPool
 from tests.peers import require_program
 from twisted_mta.config import parse_config_text
 from twisted_mta.expand.context import ExpansionContext
@@ -66,28 +66,6 @@ acl_smtp_rcpt = accept
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-class ImmediateThreadPool:
-    """Runs "threaded" work at once (for tests on a Clock)."""
-
-    def callInThreadWithCallback(self, on_result: Callable[[bool, Any], None] | None,
-                                 f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            if on_result is not None:
-                on_result(False, Failure())
-            return
-        if on_result is not None:
-            on_result(True, result)
-
-
-class ImmediateReactor(task.Clock):
-    """A Clock that is also the reactor: callFromThread runs at once."""
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
 
 
 def config_for(transports: str, routers: dict[str, str] | None = None,

@@ -72,6 +72,8 @@ class Submission:
     protocol: str = "local"
     #: The id of the message a bounce is about (logged as ``R=``).
     reference: str | None = None
+    #: A report exim-py makes itself (``-E``): spooled with ``-localerror``.
+    local_error: bool = False
 
 
 def read_message(data: bytes, dot_ends: bool, size_limit: int = 0) -> IncomingMessage:
@@ -144,12 +146,14 @@ async def submit(submission: Submission, *, config: Any, spool: Any, log: Any,
         auth_id=None if sender_forced else caller.login,
         auth_sender=None if sender_forced else sender,
         allow_unqualified_recipient=True, allow_unqualified_sender=True,
-        sender_local=not sender_forced, recipients=[Recipient(Tainted(r)) for r in recipients],
+        sender_local=not sender_forced, local_error_message=submission.local_error,
+        recipients=[Recipient(Tainted(r)) for r in recipients],
         headers=[SpoolHeader(h.text, h.flag) for h in message.headers])
     spool.write_message(record, message.body)
     reference = f" R={submission.reference}" if submission.reference else ""
     log.write(f"<= {sender or '<>'}{reference} U={caller.login} P={submission.protocol} "
-              f"S={message.size()}" + _message_id_field(original_id, log), ("main",), message_id)
+              f"S={message.size()}" + _log_fields(message, original_id, sender, recipients, log),
+              ("main",), message_id)
     return message_id
 
 
@@ -224,7 +228,22 @@ def _append(message: IncomingMessage, text: str) -> None:
     message.add_header(Header(text, header_flag(text)))
 
 
-def _message_id_field(msg_id: str | None, log: Any) -> str:
-    if msg_id is None or "msg_id" not in getattr(log, "selectors", frozenset()):
-        return ""
-    return f" id={printing(msg_id)}"
+def _log_fields(message: IncomingMessage, msg_id: str | None, sender: str,
+                recipients: list[str], log: Any) -> str:
+    """What follows ``S=`` on the ``<=`` line, as the log selector asks."""
+    selectors = getattr(log, "selectors", frozenset())
+    out = []
+    if "8bitmime" in selectors:
+        out.append(" M8S=0")
+    if msg_id is not None and "msg_id" in selectors:
+        out.append(f" id={printing(msg_id)}")
+    subject = message.decoded_header_values().get("subject")
+    if subject is not None and "subject" in selectors:
+        # $h_subject: cut at 100 characters, quotes and backslashes escaped.
+        quoted = "".join("\\" + c if c in '"\\' else c for c in subject[:100])
+        out.append(" T=" + printing('"' + quoted + '"'))
+    if "received_sender" in selectors:
+        out.append(f" from <{sender}>")
+    if "received_recipients" in selectors and recipients:
+        out.append(" for " + " ".join(recipients))
+    return "".join(out)

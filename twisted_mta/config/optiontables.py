@@ -93,6 +93,8 @@ MAIN = {
     'dns_use_edns0': ('int', -1, ''),
     'drop_cr': ('bool', False, ''),
     'dsn_advertise_hosts': ('str', None, ''),
+    # exim-py's switch for Exim's build-time EXPERIMENTAL_DSN_INFO fields.
+    'dsn_extra_info': ('bool', False, 'h'),
     'dsn_from': ('str', 'Mail Delivery System <Mailer-Daemon@$qualify_domain>', ''),
     'envelope_to_remove': ('bool', True, ''),
     'errors_copy': ('str', None, ''),

@@ -7,6 +7,17 @@ Every completed delivery is appended to the -J journal and fsynced before
 anything else happens, so a crash delivers nothing twice except what was in
 flight; at the end the -H file is rewritten with the done recipients (or the
 message removed, ``Completed``) and the journal deleted.
+
+The reports go out at the end, in Exim's order: the success DSN for the
+addresses that asked for one, a bounce per errors address for the failed
+ones, and a delay warning when the message stays with deferred addresses
+and a ``delay_warning`` time has passed (:mod:`twisted_mta.dsn`).  A failed
+address of a message whose sender is ``<>`` is not bounced: the message is
+frozen (``Frozen (delivery error message)``) until
+``ignore_bounce_errors_after``, when its failures are logged as ignored.
+The new messages are delivered after this one: by
+L{DeliverySettings.deliver_new}, or in place when that is None, unless
+``queue_only`` is set.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from typing import Any
 
 from twisted.internet import threads
 
+from twisted_mta.dsn import IGNORE_ERROR, ignore_error
 from twisted_mta.queue.address import DELIVERED, FAILED, PENDING, DeliveryAddress
 from twisted_mta.queue.deliverylog import deferral_line, delivery_line, failure_line
 from twisted_mta.routers.engine import ACCEPT, DELIVER, FAIL, RoutingContext, route_address
@@ -32,8 +44,16 @@ COMPLETED, INCOMPLETE, LOCKED, FROZEN, MISSING = (
 class DeliverySettings:
     """What every delivery shares: configuration, spool, log, time and the
     places to run blocking work; *retry* is the retry machinery (None: no
-    retry database, every defer is tried again at the next run) and
-    *bounce* makes and spools the DSN for failed addresses."""
+    retry database, every defer is tried again at the next run).
+
+    The DSNs are made by *dsn* (a L{twisted_mta.dsn.DsnSender}, made from
+    these settings when first needed, unless *send_dsns* is false).  A
+    *bounce* hook, ``await bounce(message, failed)``, replaces the
+    bounces: it returns the failed addresses it dealt with (None: all).
+    *id_allocator* gives the DSNs their ids: share the receiving side's,
+    so that two messages never get the same id.  *deliver_new* is called
+    with the id of each DSN spooled (the runner's deliver_now); when None
+    it is delivered straight after the message it reports on."""
 
     config: Any
     spool: Any
@@ -44,6 +64,10 @@ class DeliverySettings:
     resolver: Any = None
     retry: Any = None
     bounce: Any = None
+    dsn: Any = None
+    send_dsns: bool = True
+    id_allocator: Any = None
+    deliver_new: Any = None
     #: Transport drivers by name; None for the built-in ones.
     transports: dict[str, Any] | None = None
     #: Ids being delivered in this process.
@@ -56,6 +80,8 @@ class DeliveryResult:
     delivered: list[DeliveryAddress] = field(default_factory=list)
     failed: list[DeliveryAddress] = field(default_factory=list)
     deferred: list[DeliveryAddress] = field(default_factory=list)
+    #: The DSNs spooled by this attempt.
+    new_messages: list[str] = field(default_factory=list)
 
 
 class MessageDelivery:
@@ -70,6 +96,12 @@ class MessageDelivery:
         self.thaw = thaw
         self.selector = getattr(settings.log, "selectors", frozenset())
         self._fd: int | None = None
+        self._ctx: Any = None
+        #: Addresses finished with successfully, in order, for success DSNs
+        #: (a redirected recipient counts once it is redirected).
+        self._succeeded: list[DeliveryAddress] = []
+        #: Set when this attempt freezes the message: what "Frozen" adds.
+        self._frozen_info: str | None = None
 
     # -- blocking work, off the reactor thread -------------------------------------
 
@@ -85,6 +117,11 @@ class MessageDelivery:
     # -- the attempt ------------------------------------------------------------------
 
     async def run(self) -> DeliveryResult:
+        result = await self._run_locked()
+        await self._deliver_new(result.new_messages)
+        return result
+
+    async def _run_locked(self) -> DeliveryResult:
         settings = self.settings
         if self.message_id in settings.active:
             return DeliveryResult(LOCKED)
@@ -120,42 +157,51 @@ class MessageDelivery:
         except FileNotFoundError:
             return DeliveryResult(MISSING)
         self.message = message
-        if message.frozen_at is not None:
-            if not self.thaw:
-                return DeliveryResult(FROZEN)
-            message.frozen_at = None
-            self._log("Unfrozen by forced delivery")
+        if message.frozen_at is not None and not self._thawed(message):
+            return DeliveryResult(FROZEN)
         await self._io(self._recover_journal, message)
-        ctx = self._context(message)
+        ctx = self._ctx = self._context(message)
         result = DeliveryResult(INCOMPLETE)
         addresses = [DeliveryAddress(r.address, number=i, orcpt=r.orcpt,
                                      dsn_flags=r.dsn_flags, errors_to=r.errors_to)
                      for i, r in enumerate(message.recipients)
                      if not tree_contains(message.non_recipients, r.address)]
         rctx = RoutingContext(self.config, ctx, DELIVER, sender=message.sender)
-        deliveries: list[DeliveryAddress] = []
-        for address in addresses:
+        routed_deliveries: dict[int, list[DeliveryAddress]] = {}
+        # Exim routes the recipients in the reverse order (its chain of
+        # addresses to route is built backwards), so failures are logged and
+        # reported in that order; deliveries keep the recipients' order.
+        for address in reversed(addresses):
             routed = await route_address(rctx, address)
             if routed.kind == ACCEPT:
-                for delivery in routed.deliveries:
-                    if not tree_contains(message.non_recipients, delivery.unique):
-                        deliveries.append(delivery)
+                if not any(d is address for d in routed.deliveries):
+                    # Redirected: Exim counts the recipient itself as done.
+                    self._succeeded.append(address)
+                routed_deliveries[id(address)] = [
+                    d for d in routed.deliveries
+                    if not tree_contains(message.non_recipients, d.unique)]
                 for problem in routed.problems:
                     self._routing_problem(problem, result)
             elif routed.kind == FAIL:
                 address.router = routed.router
                 address.fail(routed.message or "Unrouteable address")
+                if routed.pass_message:
+                    address.extra["pass_message"] = True
                 self._log(failure_line(address, sender=message.sender,
                                        selector=self.selector))
-                result.failed.append(address)
+                self._failed(address, result)
             else:
                 address.router = routed.router
-                address.defer(routed.message or "routing deferred")
+                # A router gives no errno: Exim's default, ERRNO_UNKNOWNERROR.
+                address.defer(routed.message or "routing deferred", errno=-1)
+                if routed.pass_message:
+                    address.extra["pass_message"] = True
                 self._log(deferral_line(address, driver_kind="router" if routed.router
                                         else "routing", selector=self.selector))
-                result.deferred.append(address)
-        for delivery in deliveries:
-            await self._deliver_one(delivery, ctx, result)
+                self._deferred(address, result)
+        for address in addresses:
+            for delivery in routed_deliveries.get(id(address), []):
+                await self._deliver_one(delivery, ctx, result)
         return await self._finish(message, addresses, result)
 
     def _routing_problem(self, address: DeliveryAddress, result: DeliveryResult) -> None:
@@ -163,11 +209,63 @@ class MessageDelivery:
             address.fail(address.message or "Unrouteable address")
             self._log(failure_line(address, sender=self.message.sender,
                                    selector=self.selector))
-            result.failed.append(address)
+            self._failed(address, result)
         else:
-            address.defer(address.message or "routing deferred")
+            address.defer(address.message or "routing deferred", errno=address.basic_errno or -1)
             self._log(deferral_line(address, driver_kind="router", selector=self.selector))
+            self._deferred(address, result)
+
+    def _failed(self, address: DeliveryAddress, result: DeliveryResult) -> None:
+        """A hard failure (post_process_one()): bounced at the end, unless
+        nobody can be told (the sender is <> and there is no errors_to),
+        when the address is kept and the message frozen for a human; once
+        such a message is ignore_bounce_errors_after old, its failures are
+        ignored instead."""
+        message = self.message
+        if not message.sender and self._age(message) >= _option_int(
+                self.config, "ignore_bounce_errors_after", 6048000):
+            address.extra[IGNORE_ERROR] = True
+        if not ignore_error(address) and (
+                address.special_action == "freeze"
+                or (not message.sender and not address.errors_to)):
+            if address.special_action == "freeze":
+                self._frozen_info = ""
+            elif message.sender_local and not message.local_error_message:
+                self._frozen_info = " (message created with -f <>)"
+            else:
+                self._frozen_info = " (delivery error message)"
             result.deferred.append(address)
+        else:
+            result.failed.append(address)
+
+    def _deferred(self, address: DeliveryAddress, result: DeliveryResult) -> None:
+        if address.special_action == "freeze" and self._frozen_info is None:
+            self._frozen_info = ""
+        result.deferred.append(address)
+
+    def _age(self, message: Any) -> float:
+        return self.settings.clock.seconds() - message.received[0]
+
+    def _thawed(self, message: Any) -> bool:
+        """Whether a frozen message is delivered now (Exim's rules: the
+        bounce timer, a forced thaw, auto_thaw), with the log line."""
+        now = self.settings.clock.seconds()
+        if not message.sender and self._age(message) >= _option_int(
+                self.config, "ignore_bounce_errors_after", 6048000):
+            self._log("Unfrozen by errmsg timer")
+        else:
+            auto_thaw = _option_int(self.config, "auto_thaw", 0)
+            if (not message.sender or auto_thaw <= 0
+                    or now <= message.frozen_at + auto_thaw) and not self.thaw:
+                self.settings.log.write("Message is frozen", ("main",), self.message_id,
+                                        selector="skip_delivery")
+                return False
+            if self.force or self.thaw:
+                self._log("Unfrozen by forced delivery")
+            else:
+                self._log("Unfrozen by auto-thaw")
+        message.frozen_at = None
+        return True
 
     async def _deliver_one(self, address: DeliveryAddress, ctx: Any,
                            result: DeliveryResult) -> None:
@@ -178,6 +276,7 @@ class MessageDelivery:
             address.succeed()
             self._log(f"=> {address.discarded} <{address.top.address}> R={address.router}")
             await self._journal(address)
+            self._succeeded.append(address)
             result.delivered.append(address)
             return
         instance = self.config.transport(address.transport) if address.transport else None
@@ -186,7 +285,7 @@ class MessageDelivery:
             address.defer(f"transport \"{what}\" not found" if address.transport else
                           f"No transport set by {address.router} router")
             self._log(deferral_line(address, driver_kind="router", selector=self.selector))
-            result.deferred.append(address)
+            self._deferred(address, result)
             return
         drivers = self.settings.transports
         driver = (drivers if drivers is not None else _transport_drivers()).get(
@@ -194,7 +293,7 @@ class MessageDelivery:
         if driver is None:
             address.defer(f"{instance.driver} transport not available in exim-py yet")
             self._log(deferral_line(address, driver_kind="transport", selector=self.selector))
-            result.deferred.append(address)
+            self._deferred(address, result)
             return
         self._set_address_variables(ctx, address)
         started = self.settings.clock.seconds()
@@ -210,6 +309,7 @@ class MessageDelivery:
         address.extra["delivery_time"] = self.settings.clock.seconds() - started
         if address.status == DELIVERED:
             await self._journal(address)
+            self._succeeded.append(address)
             self._log(delivery_line(address, logchar="=", sender=message.sender,
                                     transport=driver,
                                     log_as_local=self._log_as_local(address),
@@ -219,12 +319,12 @@ class MessageDelivery:
             result.delivered.append(address)
         elif address.status == FAILED:
             self._log(failure_line(address, sender=message.sender, selector=self.selector))
-            result.failed.append(address)
+            self._failed(address, result)
         else:
             if address.status == PENDING:
                 address.defer("transport gave no result")
             self._log(deferral_line(address, driver_kind="transport", selector=self.selector))
-            result.deferred.append(address)
+            self._deferred(address, result)
 
     def _log_as_local(self, address: DeliveryAddress) -> bool:
         router = self.config.router(address.router) if address.router else None
@@ -252,20 +352,26 @@ class MessageDelivery:
 
     async def _finish(self, message: Any, addresses: list[DeliveryAddress],
                       result: DeliveryResult) -> DeliveryResult:
+        dsn = self._dsn_sender()
+        if dsn is not None and self._succeeded:
+            result.new_messages.extend(
+                await dsn.send_success(message, self._succeeded, self._ctx))
+        handled = await self._bounce(message, result)
+        # A failure that could not be reported keeps its recipient, as a
+        # deferral does, and is tried (and reported) again next time.
+        unreported = [a for a in result.failed if not any(a is h for h in handled)]
         done = {a.unique for a in result.delivered}
-        failed_tops = {a.top.number for a in result.failed}
+        failed_tops = {a.top.number for a in handled}
         for delivery in result.delivered:
             if delivery.parent is not None:
                 message.non_recipients = _tree_add(message.non_recipients, delivery.unique)
-        deferred_tops = {a.top.number for a in result.deferred}
+        kept_tops = {a.top.number for a in result.deferred + unreported}
         for address in addresses:
-            if address.number in deferred_tops:
+            if address.number in kept_tops:
                 continue
             if address.number in failed_tops or address.unique in done or \
                     any(d.top is address for d in result.delivered):
                 message.non_recipients = _tree_add(message.non_recipients, address.address)
-        if result.failed and self.settings.bounce is not None:
-            await self.settings.bounce(message, result.failed)
         remaining = [r for r in message.recipients
                      if not tree_contains(message.non_recipients, r.address)]
         if not remaining:
@@ -274,10 +380,65 @@ class MessageDelivery:
                                      if "queue_time_overall" in self.selector else ""))
             result.outcome = COMPLETED
             return result
+        if result.deferred and dsn is not None:
+            # Exim's chain of deferred addresses holds the latest first.
+            warning = await dsn.send_warning(message, list(reversed(result.deferred)),
+                                             self._ctx)
+            if warning is not None:
+                result.new_messages.append(warning)
         message.deliver_firsttime = False
+        if self._frozen_info is not None:
+            message.frozen_at = int(self.settings.clock.seconds())
+            self._log(f"Frozen{self._frozen_info}")
         await self._io(self._rewrite_header, message)
         result.outcome = INCOMPLETE
         return result
+
+    async def _bounce(self, message: Any, result: DeliveryResult) -> list[DeliveryAddress]:
+        """Report the failed addresses; those dealt with."""
+        if not result.failed:
+            return []
+        if self.settings.bounce is not None:
+            handled = await self.settings.bounce(message, result.failed)
+            return list(result.failed if handled is None else handled)
+        dsn = self._dsn_sender()
+        if dsn is None:
+            return list(result.failed)
+        outcome = await dsn.send_bounces(message, result.failed, self._ctx)
+        result.new_messages.extend(outcome.message_ids)
+        for recipient, error in outcome.failures:
+            suffix = ""
+            if not result.deferred:
+                # Nothing else keeps the message: freeze it rather than
+                # retry the report at every queue run.
+                suffix = " (frozen)"
+                if self._frozen_info is None:
+                    self._frozen_info = ""
+            self._log(f"Failed to write error message to {recipient}: {error}{suffix}")
+        return outcome.handled
+
+    def _dsn_sender(self) -> Any:
+        settings = self.settings
+        if settings.dsn is None and settings.send_dsns:
+            from functools import partial
+
+            from twisted_mta.dsn import DsnSender
+
+            settings.dsn = DsnSender(settings.config, settings.spool, settings.log,
+                                     settings.clock, id_allocator=settings.id_allocator,
+                                     run_blocking=partial(_blocking, settings))
+        return settings.dsn
+
+    async def _deliver_new(self, message_ids: list[str]) -> None:
+        """Deliver the DSNs this attempt made, as Exim's child process
+        would (not with queue_only)."""
+        if not message_ids or self.config.get("queue_only"):
+            return
+        for message_id in message_ids:
+            if self.settings.deliver_new is not None:
+                self.settings.deliver_new(message_id)
+            else:
+                await MessageDelivery(self.settings, message_id).run()
 
     def _rewrite_header(self, message: Any) -> None:
         self.settings.spool.write_header(message)
@@ -327,14 +488,23 @@ class MessageDelivery:
         return ctx
 
     def _set_address_variables(self, ctx: Any, address: DeliveryAddress) -> None:
+        """What the transport sees: the address (tainted, as it came from
+        the message) and what its router set."""
+        from twisted_mta.routers.engine import ROUTER_SET_VARIABLES, local_part_of
+        from twisted_mta.taint import taint
+
         variables = ctx.variables
-        variables["local_part"] = address.extra.get("routed_local_part", address.local_part)
-        variables["domain"] = address.domain
+        for name in ROUTER_SET_VARIABLES:
+            variables.pop(name, None)
+        variables.update(address.extra.get("router_variables", {}))
+        variables["local_part"] = taint(address.extra.get("routed_local_part",
+                                                          local_part_of(address)))
+        variables["domain"] = taint(address.domain.lower())
         variables["local_part_prefix"] = address.prefix
         variables["local_part_suffix"] = address.suffix
         top = address.top
-        variables["original_local_part"] = top.local_part
-        variables["original_domain"] = top.domain
+        variables["original_local_part"] = taint(local_part_of(top))
+        variables["original_domain"] = taint(top.domain)
         for name, value in (("address_data", address.address_data),
                             ("home", address.home_directory)):
             if value is None:
@@ -350,6 +520,20 @@ def _append_synced(path: str, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+async def _blocking(settings: DeliverySettings, function: Any, *args: Any) -> Any:
+    if settings.threadpool is None:
+        return function(*args)
+    return await threads.deferToThreadPool(settings.reactor, settings.threadpool, function,
+                                           *args)
+
+
+def _option_int(config: Any, name: str, default: int) -> int:
+    try:
+        return int(config.get(name, default) or 0)
+    except (TypeError, ValueError):
+        return default
 
 
 def _queue_time(delivery: MessageDelivery, message: Any) -> str:

@@ -7,6 +7,10 @@ limits Exim's runner processes; immediate deliveries are limited separately
 (they are Exim's per-connection delivery processes), and a message is never
 delivered by two coroutines at once (L{DeliverySettings.active} and the
 -D file lock).
+
+A DSN spooled during a delivery is delivered as a message just received
+is (L{QueueRunner.deliver_now}); a queue run waits for those it caused
+before it ends, so that ``-q`` from the command line delivers them too.
 """
 
 from __future__ import annotations
@@ -43,7 +47,10 @@ class QueueRunner(service.Service):
         self.runs_in_progress = 0
         self._immediate = defer.DeferredSemaphore(IMMEDIATE_DELIVERIES)
         self._pending: set[defer.Deferred] = set()
+        self._new: set[defer.Deferred] = set()
         self._loop: task.LoopingCall | None = None
+        if settings.deliver_new is None:
+            settings.deliver_new = self._deliver_new
 
     # -- service -------------------------------------------------------------------
 
@@ -72,6 +79,13 @@ class QueueRunner(service.Service):
     def deliver_now(self, message_id: str) -> defer.Deferred:
         """A message just received: deliver it unless queue_only says not."""
         return self._track(self._immediate.run(self._deliver, message_id))
+
+    def _deliver_new(self, message_id: str) -> defer.Deferred:
+        """A DSN a delivery just spooled."""
+        d = self.deliver_now(message_id)
+        self._new.add(d)
+        d.addBoth(lambda result: (self._new.discard(d), result)[1])
+        return d
 
     def _deliver(self, message_id: str, **kwargs: Any) -> defer.Deferred:
         return defer.Deferred.fromCoroutine(
@@ -117,6 +131,8 @@ class QueueRunner(service.Service):
                 continue
             results.append(await MessageDelivery(self.settings, message_id, force=force,
                                                  thaw=thaw).run())
+        while self._new:
+            await defer.DeferredList(list(self._new), consumeErrors=True)
         self._log(f"End queue run: pid={os.getpid()}{flags}")
         return results
 
