@@ -205,3 +205,10 @@ class DeliveryTests(unittest.TestCase):
             release.set()
             child.join(10)
         self.assertEqual(self.deliver().outcome, COMPLETED)
+
+    def test_duplicate_through_a_redirect_completes(self) -> None:
+        # team@ expands to alice@, who is also a recipient: alice gets one
+        # copy, and both recipients are done.
+        self.spool_message("alice@test.ex", "team@test.ex")
+        self.assertEqual(self.deliver().outcome, COMPLETED)
+        self.assertEqual(self.transport.delivered.count("alice@test.ex"), 1)

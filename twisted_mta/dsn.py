@@ -920,7 +920,8 @@ class DsnSender:
             try:
                 return await submit(submission, config=self.config, spool=self.spool,
                                     log=self.log, id_allocator=self.id_allocator,
-                                    clock=self.clock, caller=caller)
+                                    clock=self.clock, caller=caller,
+                                    run_blocking=self.run_blocking)
             except FileExistsError:
                 continue  # an id another allocator in this process handed out
         raise FileExistsError("no free message id")

@@ -304,7 +304,8 @@ class MTAService(service.MultiService):
         settings = self.settings
         delivery = DeliverySettings(self.config, settings.spool, settings.log, self.reactor,
                                     self.reactor, threadpool=self.threadpool,
-                                    resolver=settings.resolver)
+                                    resolver=settings.resolver,
+                                    id_allocator=settings.id_allocator)
         self.queue_runner = QueueRunner(delivery, interval=self.queue_interval)
         self.queue_runner.setServiceParent(self)
         settings.on_message = self.queue_runner.deliver_now

@@ -94,7 +94,7 @@ def read_message(data: bytes, dot_ends: bool, size_limit: int = 0) -> IncomingMe
 
 async def submit(submission: Submission, *, config: Any, spool: Any, log: Any,
                  id_allocator: Any, clock: Any, caller: Caller,
-                 ctx: Any = None) -> str:
+                 ctx: Any = None, run_blocking: Any = None) -> str:
     """Spool *submission* and log its ``<=`` line; the message id.  Raises
     SubmissionError for a message Exim would refuse."""
     from twisted_mta.expand.context import ExpansionContext
@@ -149,7 +149,11 @@ async def submit(submission: Submission, *, config: Any, spool: Any, log: Any,
         sender_local=not sender_forced, local_error_message=submission.local_error,
         recipients=[Recipient(Tainted(r)) for r in recipients],
         headers=[SpoolHeader(h.text, h.flag) for h in message.headers])
-    spool.write_message(record, message.body)
+    # Spool writes fsync: in the daemon they go to the thread pool.
+    if run_blocking is not None:
+        await run_blocking(spool.write_message, record, message.body)
+    else:
+        spool.write_message(record, message.body)
     reference = f" R={submission.reference}" if submission.reference else ""
     log.write(f"<= {sender or '<>'}{reference} U={caller.login} P={submission.protocol} "
               f"S={message.size()}" + _log_fields(message, original_id, sender, recipients, log),

@@ -22,13 +22,16 @@ from twisted_mta.queue.deliver import DeliverySettings, MessageDelivery
 def _settings(config: Any, reactor: Any, threadpool: Any) -> DeliverySettings:
     from twisted_mta.dns import Resolver
     from twisted_mta.log import EximLog, SyncLogWriter
+    from twisted_mta.spool.ids import MessageIdAllocator
     from twisted_mta.spool.store import Spool
 
     spool = Spool(config.get("spool_directory") or "./exim-py-spool",
                   split=bool(config.get("split_spool_directory")))
     log = EximLog.from_config(config, reactor, os.getpid(), SyncLogWriter())
     return DeliverySettings(config, spool, log, reactor, reactor, threadpool=threadpool,
-                            resolver=Resolver(reactor, threadpool))
+                            resolver=Resolver(reactor, threadpool),
+                            id_allocator=MessageIdAllocator(reactor.seconds, os.getpid(),
+                                                            config.get("localhost_number")))
 
 
 def run_with_reactor(config: Any,

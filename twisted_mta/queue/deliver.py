@@ -360,17 +360,15 @@ class MessageDelivery:
         # A failure that could not be reported keeps its recipient, as a
         # deferral does, and is tried (and reported) again next time.
         unreported = [a for a in result.failed if not any(a is h for h in handled)]
-        done = {a.unique for a in result.delivered}
-        failed_tops = {a.top.number for a in handled}
         for delivery in result.delivered:
             if delivery.parent is not None:
                 message.non_recipients = _tree_add(message.non_recipients, delivery.unique)
+        # A recipient is done unless something of it is still to do: all
+        # delivered, failed and reported, or its addresses duplicates of
+        # ones delivered for another recipient.
         kept_tops = {a.top.number for a in result.deferred + unreported}
         for address in addresses:
-            if address.number in kept_tops:
-                continue
-            if address.number in failed_tops or address.unique in done or \
-                    any(d.top is address for d in result.delivered):
+            if address.number not in kept_tops:
                 message.non_recipients = _tree_add(message.non_recipients, address.address)
         remaining = [r for r in message.recipients
                      if not tree_contains(message.non_recipients, r.address)]

@@ -183,6 +183,8 @@ async def route_one(rctx: RoutingContext, address: DeliveryAddress,
                 return Routed(DEFER, address, router.name, str(e))
             routed = Routed(ACCEPT, address, router.name)
             for child in result.children:
+                # Made before the router's errors_to was known.
+                child.errors_to = address.errors_to
                 if child.pipe_command is not None or child.file_path is not None \
                         or child.discarded is not None:
                     child.router = router.name  # pipes and files are not routed again
@@ -320,6 +322,8 @@ async def _route_children(rctx: RoutingContext, parent_routed: Routed, depth: in
         if sub.kind in (FAIL, DEFER):
             child.status = "failed" if sub.kind == FAIL else "deferred"
             child.message = sub.message
+            child.router = sub.router
+            child.extra["pass_message"] = sub.pass_message
             routed.problems.append(child)
     return routed
 
