@@ -199,8 +199,15 @@ class MessageDelivery:
                 self._log(deferral_line(address, driver_kind="router" if routed.router
                                         else "routing", selector=self.selector))
                 self._deferred(address, result)
+        # Duplicates (an address reached through two recipients) are
+        # delivered once, as Exim removes them after routing.
+        delivering: set[str] = set()
         for address in addresses:
             for delivery in routed_deliveries.get(id(address), []):
+                key = delivery.unique.lower()
+                if key in delivering:
+                    continue
+                delivering.add(key)
                 await self._deliver_one(delivery, ctx, result)
         return await self._finish(message, addresses, result)
 
