@@ -204,7 +204,8 @@ class MessageDelivery:
         delivering: set[str] = set()
         for address in addresses:
             for delivery in routed_deliveries.get(id(address), []):
-                key = delivery.unique.lower()
+                local, at, domain = delivery.unique.rpartition("@")
+                key = f"{local}@{domain.lower()}" if at else delivery.unique  # caseful local part
                 if key in delivering:
                     continue
                 delivering.add(key)
