@@ -212,3 +212,69 @@ class DeliveryTests(unittest.TestCase):
         self.spool_message("alice@test.ex", "team@test.ex")
         self.assertEqual(self.deliver().outcome, COMPLETED)
         self.assertEqual(self.transport.delivered.count("alice@test.ex"), 1)
+
+
+class RetryScheduleTests(unittest.TestCase):
+    """Days of retries in milliseconds: a local delivery that keeps
+    deferring is skipped until its retry time in queue runs, tried again
+    when it comes, and failed once the rule's cutoff has passed."""
+
+    CONFIG = CONFIG + """
+begin retry
+*  *  F,1h,15m
+"""
+
+    def setUp(self) -> None:
+        from twisted_mta.queue.retry import RetryRules, open_retry_database
+
+        self.tmp = tempfile.mkdtemp(prefix="exim-py-retry-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.spool = Spool(self.tmp)
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.config = parse_config_text(self.CONFIG)
+        self.log_stream = io.StringIO()
+        log = EximLog.from_config(self.config, self.clock, 4242, SyncLogWriter(),
+                                  testing_stream=self.log_stream)
+        self.transport = RecordingTransport()
+        self.bounced: list[str] = []
+
+        async def bounce(message: Any, failed: list[DeliveryAddress]) -> list:
+            self.bounced.extend(a.address for a in failed)
+            return failed
+
+        self.settings = DeliverySettings(
+            self.config, self.spool, log, self.clock, self.clock,
+            transports={"pipe": self.transport}, bounce=bounce,
+            retry=open_retry_database(self.tmp, RetryRules(self.config), clock=self.clock))
+        message = SpoolMessage(
+            id=MESSAGE_ID, sender="sender@example.com", received=(NOW, 0),
+            received_complete=(NOW, 0), recipients=[Recipient("later@test.ex")],
+            headers=[SpoolHeader("Subject: test\n")], deliver_firsttime=True)
+        self.spool.write_message(message, b"body\n")
+
+    def attempt(self, minutes: float, queue_running: bool = True) -> list[str]:
+        self.clock.advance(minutes * 60)
+        start = len(self.log_stream.getvalue())
+        run(MessageDelivery(self.settings, MESSAGE_ID, queue_running=queue_running).run())
+        return [line[20:].removeprefix(MESSAGE_ID + " ")
+                for line in self.log_stream.getvalue()[start:].splitlines()]
+
+    def test_schedule(self) -> None:
+        first = self.attempt(0, queue_running=False)
+        self.assertEqual(first, ["== later@test.ex R=local T=record defer (0) DT=0s: try again"])
+        # Ten minutes on, a queue run leaves it alone...
+        self.assertEqual(self.attempt(10), ["== later@test.ex R=local T=record defer (-53): "
+                                            "retry time not reached"])
+        self.assertEqual(self.transport.delivered, [])
+        # ...fifteen minutes after the failure it is tried again.
+        self.assertIn("== later@test.ex R=local T=record defer (0) DT=0s: try again",
+                      self.attempt(6))
+        # Past the one-hour cutoff it fails and is bounced.
+        lines: list[str] = []
+        for _ in range(4):
+            lines += self.attempt(16)
+        self.assertIn("** later@test.ex R=local T=record: try again: retry timeout exceeded DT=0s",
+                      lines)
+        self.assertEqual(self.bounced, ["later@test.ex"])
+        self.assertEqual(self.spool.list_ids(), [])

@@ -299,13 +299,18 @@ class MTAService(service.MultiService):
 
     def _build_queue_runner(self) -> None:
         from twisted_mta.queue.deliver import DeliverySettings
+        from twisted_mta.queue.retry import RetryRules, open_retry_database
         from twisted_mta.queue.runner import QueueRunner
 
         settings = self.settings
         delivery = DeliverySettings(self.config, settings.spool, settings.log, self.reactor,
                                     self.reactor, threadpool=self.threadpool,
                                     resolver=settings.resolver,
-                                    id_allocator=settings.id_allocator)
+                                    id_allocator=settings.id_allocator,
+                                    retry=open_retry_database(
+                                        settings.spool.directory, RetryRules(self.config),
+                                        run_io=self.threadpool.callInThread,
+                                        clock=self.reactor))
         self.queue_runner = QueueRunner(delivery, interval=self.queue_interval)
         self.queue_runner.setServiceParent(self)
         settings.on_message = self.queue_runner.deliver_now

@@ -22,6 +22,7 @@ from twisted_mta.queue.deliver import DeliverySettings, MessageDelivery
 def _settings(config: Any, reactor: Any, threadpool: Any) -> DeliverySettings:
     from twisted_mta.dns import Resolver
     from twisted_mta.log import EximLog, SyncLogWriter
+    from twisted_mta.queue.retry import RetryRules, open_retry_database
     from twisted_mta.spool.ids import MessageIdAllocator
     from twisted_mta.spool.store import Spool
 
@@ -31,7 +32,9 @@ def _settings(config: Any, reactor: Any, threadpool: Any) -> DeliverySettings:
     return DeliverySettings(config, spool, log, reactor, reactor, threadpool=threadpool,
                             resolver=Resolver(reactor, threadpool),
                             id_allocator=MessageIdAllocator(reactor.seconds, os.getpid(),
-                                                            config.get("localhost_number")))
+                                                            config.get("localhost_number")),
+                            retry=open_retry_database(spool.directory, RetryRules(config),
+                                                      clock=reactor))
 
 
 def run_with_reactor(config: Any,

@@ -29,7 +29,7 @@ from typing import Any
 from twisted.internet import threads
 
 from twisted_mta.dsn import IGNORE_ERROR, ignore_error
-from twisted_mta.queue.address import DELIVERED, FAILED, PENDING, DeliveryAddress
+from twisted_mta.queue.address import DEFERRED, DELIVERED, FAILED, PENDING, DeliveryAddress
 from twisted_mta.queue.deliverylog import deferral_line, delivery_line, failure_line
 from twisted_mta.routers.engine import ACCEPT, DELIVER, FAIL, RoutingContext, route_address
 from twisted_mta.spool.store import lock_data_file
@@ -88,12 +88,15 @@ class MessageDelivery:
     """One delivery attempt of one message."""
 
     def __init__(self, settings: DeliverySettings, message_id: str, *,
-                 force: bool = False, thaw: bool = False) -> None:
+                 force: bool = False, thaw: bool = False,
+                 queue_running: bool = False) -> None:
         self.settings = settings
         self.config = settings.config
         self.message_id = message_id
         self.force = force
         self.thaw = thaw
+        #: Retry times are honoured only in queue runs, as in Exim.
+        self.queue_running = queue_running
         self.selector = getattr(settings.log, "selectors", frozenset())
         self._fd: int | None = None
         self._ctx: Any = None
@@ -172,7 +175,11 @@ class MessageDelivery:
         # addresses to route is built backwards), so failures are logged and
         # reported in that order; deliveries keep the recipients' order.
         for address in reversed(addresses):
+            status = await self._routing_retry(address, result)
+            if status is None:
+                continue
             routed = await route_address(rctx, address)
+            await self._update_routing_retry(address, routed, status)
             if routed.kind == ACCEPT:
                 if not any(d is address for d in routed.deliveries):
                     # Redirected: Exim counts the recipient itself as done.
@@ -187,6 +194,12 @@ class MessageDelivery:
                 address.fail(routed.message or "Unrouteable address")
                 if routed.pass_message:
                     address.extra["pass_message"] = True
+                self._log(failure_line(address, sender=message.sender,
+                                       selector=self.selector))
+                self._failed(address, result)
+            elif address.extra.get("retry_timed_out"):
+                address.router = routed.router
+                address.fail(f"{routed.message or 'routing deferred'}: retry timeout exceeded")
                 self._log(failure_line(address, sender=message.sender,
                                        selector=self.selector))
                 self._failed(address, result)
@@ -211,6 +224,87 @@ class MessageDelivery:
                 delivering.add(key)
                 await self._deliver_one(delivery, ctx, result)
         return await self._finish(message, addresses, result)
+
+    # -- retry times -------------------------------------------------------------------
+
+    async def _routing_retry(self, address: DeliveryAddress, result: DeliveryResult) -> Any:
+        """The routing retry status, or None when the address waits for
+        its retry time (it is then deferred here, unrouted)."""
+        from twisted_mta.queue.retry import ERRNO_RRETRY, RoutingRetryStatus
+
+        retry = self.settings.retry
+        if retry is None:
+            return RoutingRetryStatus(False)
+        message = self.message
+        status = await retry.routing_check(
+            address.domain.lower(), address.local_part, sender=message.sender,
+            received_time=message.received[0], queue_running=self.queue_running,
+            force=self.force, ctx=self._ctx)
+        if not status.defer:
+            return status
+        address.defer(status.message or "retry time not reached", errno=ERRNO_RRETRY)
+        self._log(deferral_line(address, driver_kind="routing", selector=self.selector))
+        self._deferred(address, result)
+        return None
+
+    async def _update_routing_retry(self, address: DeliveryAddress, routed: Any,
+                                    status: Any) -> None:
+        """Record a routing defer against the domain, or forget it after
+        the address was routed."""
+        from twisted_mta.queue.retry import RetryItem
+        from twisted_mta.routers.engine import DEFER
+
+        retry = self.settings.retry
+        if retry is None or not status.domain_key:
+            return
+        if routed.kind == DEFER:
+            items = [RetryItem(status.domain_key, basic_errno=-1,
+                               message=routed.message or "routing deferred")]
+        elif status.exists:
+            items = [RetryItem(status.domain_key, delete=True),
+                     RetryItem(status.address_key, delete=True)]
+        else:
+            return
+        message = self.message
+        if await retry.update_address(items, domain=address.domain.lower(),
+                                      sender=message.sender,
+                                      received_time=message.received[0],
+                                      message_completing=False, ctx=self._ctx):
+            address.extra["retry_timed_out"] = True
+
+    async def _local_retry_ok(self, address: DeliveryAddress) -> tuple[bool, bool]:
+        retry = self.settings.retry
+        if retry is None:
+            return True, False
+        message = self.message
+        return await retry.local_delivery_check(
+            _local_retry_key(address), address.domain.lower(),
+            received_time=message.received[0], queue_running=self.queue_running,
+            force=self.force, sender=message.sender, ctx=self._ctx)
+
+    async def _update_local_retry(self, address: DeliveryAddress, exists: bool) -> bool:
+        """After a local delivery: record a defer (True when the address
+        has now timed out) or forget an old record after success."""
+        from twisted_mta.queue.retry import RetryItem
+
+        retry = self.settings.retry
+        if retry is None:
+            return False
+        key = _local_retry_key(address)
+        if address.status == DELIVERED:
+            items = [RetryItem(key, delete=True)] if exists else []
+        elif address.status == DEFERRED:
+            items = [RetryItem(key, basic_errno=address.basic_errno,
+                               more_errno=address.more_errno, message=address.message)]
+        else:
+            items = []
+        if not items:
+            return False
+        message = self.message
+        return await retry.update_address(items, domain=address.domain.lower(),
+                                          sender=message.sender,
+                                          received_time=message.received[0],
+                                          message_completing=False, ctx=self._ctx)
 
     def _routing_problem(self, address: DeliveryAddress, result: DeliveryResult) -> None:
         if address.status == FAILED:
@@ -303,6 +397,16 @@ class MessageDelivery:
             self._log(deferral_line(address, driver_kind="transport", selector=self.selector))
             self._deferred(address, result)
             return
+        retry_ok, retry_exists = (True, False)
+        if getattr(driver, "local", True):
+            retry_ok, retry_exists = await self._local_retry_ok(address)
+        if not retry_ok:
+            from twisted_mta.queue.retry import ERRNO_LRETRY
+
+            address.defer("retry time not reached", errno=ERRNO_LRETRY)
+            self._log(deferral_line(address, driver_kind="transport", selector=self.selector))
+            self._deferred(address, result)
+            return
         self._set_address_variables(ctx, address)
         started = self.settings.clock.seconds()
         job = TransportJob(message=message,
@@ -315,6 +419,10 @@ class MessageDelivery:
         except Exception as e:  # a transport bug must not lose the message
             address.defer(f"internal error in {instance.name} transport: {e}")
         address.extra["delivery_time"] = self.settings.clock.seconds() - started
+        if getattr(driver, "local", True) and \
+                await self._update_local_retry(address, retry_exists):
+            address.fail(f"{address.message}: retry timeout exceeded",
+                         errno=address.basic_errno, more_errno=address.more_errno)
         if address.status == DELIVERED:
             await self._journal(address)
             self._succeeded.append(address)
@@ -558,3 +666,9 @@ def _transport_drivers() -> dict[str, Any]:
 
 def _tree_add(root: Any, name: str) -> Any:
     return tree_insert(root, name)[0]
+
+
+def _local_retry_key(address: DeliveryAddress) -> str:
+    """``T:`` and the address: a local transport's retry key (Exim keys on
+    the local part too, as retry_use_local_part does by default here)."""
+    return f"T:{address.unique}"

@@ -130,7 +130,7 @@ class QueueRunner(service.Service):
             if message_id in self.settings.active:
                 continue
             results.append(await MessageDelivery(self.settings, message_id, force=force,
-                                                 thaw=thaw).run())
+                                                 thaw=thaw, queue_running=True).run())
         while self._new:
             await defer.DeferredList(list(self._new), consumeErrors=True)
         self._log(f"End queue run: pid={os.getpid()}{flags}")
