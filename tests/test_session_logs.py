@@ -305,3 +305,25 @@ class UdpsendTests(_TempDirCase):
             self.assertTrue(reply.endswith(b"451 Temporary local problem - please try "
                                            b"later\r\n"), reply)
             self.assertIn(f'{error} in "udpsend" modifier', log[-1])
+
+
+class QuitAndStarttlsAclTests(_TempDirCase):
+    """As exim4 -bh logs them: an ERROR from the QUIT ACL, and a refused
+    STARTTLS (whose command data is empty, hence the space)."""
+
+    def test_quit_acl_error_and_starttls_refusal(self) -> None:
+        config = config_from_text(
+            "acl_smtp_quit = q\nacl_smtp_starttls = st\n" + RCPT_ACCEPT
+            + "q:\n  accept condition = ${lookup{x}lsearch{/nonexistent}}\n"
+              "st:\n  deny message = no tls today\n",
+            replace=("tls_advertise_hosts =", "tls_advertise_hosts = *"))
+        harness = Harness(config, self.tmp, tls=object())
+        harness.connect()
+        say(harness, "EHLO x", "STARTTLS", "QUIT")
+        self.assertTrue(harness.output().endswith(
+            b"550 no tls today\r\n221 myhost.test.ex closing connection\r\n"))
+        self.assertEqual(harness.log_lines(), [
+            "H=(x) [127.0.0.1] rejected STARTTLS : no tls today",
+            'ACL for QUIT returned ERROR: failed to expand ACL string '
+            '"${lookup{x}lsearch{/nonexistent}}": failed to open /nonexistent for linear '
+            'search: No such file or directory'])

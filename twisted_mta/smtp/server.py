@@ -797,7 +797,9 @@ class ESMTPServer(smtp.ESMTP):
         elif where == "prdr":
             what = "after DATA PRDR"
         else:
-            place = what_arg if what_arg else 'in "connect" ACL'
+            # Only the connect ACL has no command data (STARTTLS has an
+            # empty one, hence Exim's "rejected STARTTLS : ...").
+            place = 'in "connect" ACL' if where == "connect" else what_arg
             if where == "auth":
                 place = place.split(" ", 1)[0]
             what = f"{where_name} {place[:100]}"
@@ -846,7 +848,14 @@ class ESMTPServer(smtp.ESMTP):
         if not self.config.get("acl_smtp_notquit"):
             return
         self.vars["smtp_notquit_reason"] = reason
-        await self.acl("notquit")
+        self._log_acl_error("not-QUIT", await self.acl("notquit"))
+
+    def _log_acl_error(self, name: str, outcome: Any) -> None:
+        """The QUIT and not-QUIT ACLs cannot refuse anything: an error is
+        only logged."""
+        if outcome.verdict == "error":
+            self.log_write(f"ACL for {name} returned ERROR: {outcome.log_message}",
+                           ("main", "panic"))
 
     async def host_in(self, option: str) -> bool:
         """Whether the client matches host-list *option* (unset: no)."""
@@ -876,6 +885,7 @@ class ESMTPServer(smtp.ESMTP):
         outcome = None
         if self.config.get("acl_smtp_quit"):
             outcome = await self.acl("quit")
+            self._log_acl_error("QUIT", outcome)
         if outcome is not None and outcome.user_message:
             self.reply("221", outcome.user_message)
         else:
