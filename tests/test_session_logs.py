@@ -327,3 +327,29 @@ class QuitAndStarttlsAclTests(_TempDirCase):
             'ACL for QUIT returned ERROR: failed to expand ACL string '
             '"${lookup{x}lsearch{/nonexistent}}": failed to open /nonexistent for linear '
             'search: No such file or directory'])
+
+
+class DataWithoutRecipientsTests(_TempDirCase):
+    """DATA when no recipient was accepted, replies as exim4 -bh gives
+    them."""
+
+    def replies(self, acl: str, *commands: str) -> bytes:
+        harness = Harness(config_from_text(f"acl_smtp_rcpt = r\nbegin acl\nr:\n  {acl}\n"),
+                          self.tmp)
+        harness.connect()
+        harness.output()
+        say(harness, *commands)
+        return harness.output()
+
+    def test_all_recipients_discarded_still_takes_data(self) -> None:
+        out = self.replies("discard", "HELO x", "MAIL FROM:<a@b.c>", "RCPT TO:<x@test.ex>",
+                           "DATA", "Subject: x", "", "hi", ".")
+        self.assertRegex(out, rb"354 Enter message[^\n]*\n250 OK id=\S+\r\n\Z")
+
+    def test_rcpt_without_mail(self) -> None:
+        out = self.replies("accept", "HELO x", "RCPT TO:<x@test.ex>", "DATA")
+        self.assertTrue(out.endswith(
+            b"503 sender not yet given\r\n"
+            b"503-All RCPT commands were rejected with this error:\r\n"
+            b"503-503 sender not yet given\r\n"
+            b"503 valid RCPT command must precede DATA\r\n"), out)

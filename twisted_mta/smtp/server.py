@@ -1166,6 +1166,8 @@ class ESMTPServer(smtp.ESMTP):
 
         txn = self.transaction
         if txn.sender is None:
+            # Exim remembers the whole line as this RCPT's response.
+            self._note_rcpt_reply("503 sender not yet given")
             await self.synprot("protocol", "503", None, "sender not yet given")
             return
         if not argument:
@@ -1213,7 +1215,8 @@ class ESMTPServer(smtp.ESMTP):
         message = outcome.user_message if outcome is not None else None
         if verdict == "accept":
             self._note_pipelined_input()
-            self._note_rcpt_reply(message or "Accepted")
+            self._note_rcpt_reply(split_user_code("250", message, False)[1] if message
+                                  else "Accepted")
             if message:
                 self.user_reply("250", message)
             else:
@@ -1226,6 +1229,7 @@ class ESMTPServer(smtp.ESMTP):
             else:
                 self.reply("250", "Accepted")
             txn.rcpt_fail_count += 1
+            txn.rcpt_discarded = True
             log_msg = outcome.log_message if outcome is not None else None
             self.log_write(f"{self.host_and_ident(True)} F=<{txn.sender}> RCPT {argument}: "
                            f"discarded by {'MAIL' if txn.discarded else 'RCPT'} ACL"
@@ -1235,9 +1239,10 @@ class ESMTPServer(smtp.ESMTP):
                 txn.rcpt_defer_count += 1
             else:
                 txn.rcpt_fail_count += 1
-            self._note_rcpt_reply(outcome.user_message or (
-                "Administrative prohibition" if verdict in ("deny", "drop")
-                else "Temporary local problem - please try later"))
+            self._note_rcpt_reply(split_user_code("550", outcome.user_message, False)[1]
+                                  if outcome.user_message else
+                                  "Administrative prohibition" if verdict in ("deny", "drop")
+                                  else "Temporary local problem - please try later")
             self.acl_failed("rcpt", outcome, argument)
         self.vars.pop("local_part", None)
         self.vars.pop("domain", None)
@@ -1250,6 +1255,8 @@ class ESMTPServer(smtp.ESMTP):
             self.reply(str(e.code), e.text)
 
     def _note_rcpt_reply(self, text: str) -> None:
+        """Keep the first RCPT response (an ACL message without its code)
+        for the 503 to a DATA that has no recipients."""
         txn = self.transaction
         if txn.first_rcpt_reply is None:
             txn.first_rcpt_reply = text
@@ -1260,14 +1267,10 @@ class ESMTPServer(smtp.ESMTP):
 
     async def _check_data_allowed(self, verb: str) -> bool:
         txn = self.transaction
-        if txn.sender is None and verb == "DATA":
-            await self.synprot("protocol", "503", None, "MAIL command must precede DATA")
-            return False
-        if not txn.discarded and not txn.recipients:
+        if not (txn.discarded or txn.rcpt_discarded) and not txn.recipients:
             if txn.rcpt_replies_same and txn.first_rcpt_reply is not None:
-                _, first, _ = split_user_code("550", txn.first_rcpt_reply, False)
                 self.send(b"503-All RCPT commands were rejected with this error:\r\n")
-                for line in first.split("\n"):
+                for line in txn.first_rcpt_reply.split("\n"):
                     self.send(f"503-{line}\r\n".encode("latin-1", "replace"))
             if self.pipelining_advertised() and self._last_was_rcpt:
                 self.reply("503", f"Valid RCPT command must precede {verb}")

@@ -59,6 +59,8 @@ class Transaction:
     add_headers: list[str] = field(default_factory=list)
     remove_headers: list[str] = field(default_factory=list)
     discarded: bool = False
+    #: A recipient was discarded by the RCPT ACL: DATA is still accepted.
+    rcpt_discarded: bool = False
     too_many: bool = False
     rcpt_count: int = 0
     rcpt_fail_count: int = 0
