@@ -6,11 +6,6 @@ import os
 import shutil
 import sys
 
-REFERENCE = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "shared", "reference"
-)
-CORPORA = os.path.normpath(os.path.join(REFERENCE, "corpora"))
-
 
 def decode_corpus_field(text: str) -> str:
     """Undo the corpus escapes (\\\\ \\n \\t \\r \\xHH) in one left-to-right pass;
