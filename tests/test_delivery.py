@@ -84,7 +84,8 @@ def run(coroutine: Any) -> Any:
     return results[0]
 
 
-class DeliveryTests(unittest.TestCase):
+class _DeliveryCase(unittest.TestCase):
+    """A spool, a clock, a log and a recording transport."""
 
     def setUp(self) -> None:
         self.tmp = tempfile.mkdtemp(prefix="exim-py-delivery-")
@@ -114,6 +115,8 @@ class DeliveryTests(unittest.TestCase):
 
     def log_lines(self) -> list[str]:
         return [line[20:] for line in self.log_stream.getvalue().splitlines()]
+
+class DeliveryTests(_DeliveryCase):
 
     def test_all_delivered(self) -> None:
         self.spool_message("alice@test.ex", "bob@test.ex")
@@ -278,3 +281,31 @@ begin retry
                       lines)
         self.assertEqual(self.bounced, ["later@test.ex"])
         self.assertEqual(self.spool.list_ids(), [])
+
+
+class CancelTests(_DeliveryCase):
+    """-Mg and timeout_frozen_after."""
+
+    def test_give_up_bounces_what_is_left(self) -> None:
+        bounced: list[str] = []
+
+        async def bounce(message: Any, failed: list[DeliveryAddress]) -> list:
+            bounced.extend(f"{a.address}: {a.message}" for a in failed)
+            return failed
+
+        self.settings.bounce = bounce
+        self.spool_message("alice@test.ex", "later@test.ex")
+        self.assertEqual(self.deliver(give_up=True).outcome, COMPLETED)
+        self.assertEqual(self.transport.delivered, [])
+        self.assertEqual(sorted(bounced), ["alice@test.ex: delivery cancelled by administrator",
+                                           "later@test.ex: delivery cancelled by administrator"])
+        self.assertRegex(self.log_lines()[0], rf"^{MESSAGE_ID} cancelled by \S+$")
+
+    def test_frozen_too_long(self) -> None:
+        self.config = parse_config_text("timeout_frozen_after = 1m\n" + CONFIG)
+        self.settings.config = self.config
+        self.spool_message("alice@test.ex", frozen=True)
+        self.settings.bounce = None
+        self.assertEqual(self.deliver().outcome, COMPLETED)
+        self.assertEqual(self.transport.delivered, [])
+        self.assertIn(f"{MESSAGE_ID} cancelled by timeout_frozen_after", self.log_lines())

@@ -81,8 +81,8 @@ def parse_arguments(argv: Sequence[str]) -> Invocation:
             inv.mode = "bV"
         elif arg.startswith("-q") and _queue_run_option(inv, arg):
             pass
-        elif arg == "-M":
-            inv.mode = "M"
+        elif arg in ("-M", "-Mg"):
+            inv.mode = arg[1:]
             inv.arguments.extend(args[i + 1:])
             break
         elif arg in ("-odb", "-odi", "-odq", "-odf"):
@@ -226,10 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from twisted_mta.queue.command import queue_run
 
         return queue_run(config, force=inv.queue_force, thaw=inv.queue_thaw)
-    if inv.mode == "M":
+    if inv.mode in ("M", "Mg"):
         from twisted_mta.queue.command import deliver_messages
 
-        return deliver_messages(config, inv.arguments, out)
+        return deliver_messages(config, inv.arguments, out, give_up=inv.mode == "Mg")
     if inv.mode == "bm":
         return submit_message(config, inv)
     if inv.mode.startswith(("bp", "M")):

@@ -77,14 +77,17 @@ def queue_run(config: Any, *, force: bool, thaw: bool) -> int:
     return run_with_reactor(config, work)
 
 
-def deliver_messages(config: Any, message_ids: list[str], out: BinaryIO) -> int:
-    """``-M id...``: deliver now, thawing and ignoring retry times."""
+def deliver_messages(config: Any, message_ids: list[str], out: BinaryIO, *,
+                     give_up: bool = False) -> int:
+    """``-M id...``: deliver now, thawing and ignoring retry times; with
+    *give_up* (``-Mg``), fail every address left instead."""
     from twisted_mta.queue.deliver import LOCKED, MISSING
 
     async def work(settings: DeliverySettings) -> int:
         status = 0
         for message_id in message_ids:
-            result = await MessageDelivery(settings, message_id, force=True, thaw=True).run()
+            result = await MessageDelivery(settings, message_id, force=True, thaw=True,
+                                           give_up=give_up).run()
             if result.outcome == MISSING:
                 out.write(f"Spool file not found: {message_id}-H\n".encode())
                 status = 1

@@ -89,7 +89,7 @@ class MessageDelivery:
 
     def __init__(self, settings: DeliverySettings, message_id: str, *,
                  force: bool = False, thaw: bool = False,
-                 queue_running: bool = False) -> None:
+                 queue_running: bool = False, give_up: bool = False) -> None:
         self.settings = settings
         self.config = settings.config
         self.message_id = message_id
@@ -97,6 +97,8 @@ class MessageDelivery:
         self.thaw = thaw
         #: Retry times are honoured only in queue runs, as in Exim.
         self.queue_running = queue_running
+        #: -Mg: fail every address left (bounced unless it is a bounce).
+        self.give_up = give_up
         self.selector = getattr(settings.log, "selectors", frozenset())
         self._fd: int | None = None
         self._ctx: Any = None
@@ -160,8 +162,18 @@ class MessageDelivery:
         except FileNotFoundError:
             return DeliveryResult(MISSING)
         self.message = message
-        if message.frozen_at is not None and not self._thawed(message):
-            return DeliveryResult(FROZEN)
+        cancelled = None
+        if message.frozen_at is not None:
+            timeout = _option_int(self.config, "timeout_frozen_after", 0)
+            if timeout > 0 and self._age(message) >= timeout:
+                # Exim counts the message's age, not the time frozen.
+                self._log("cancelled by timeout_frozen_after")
+                cancelled = "delivery cancelled; message timed out"
+            elif not self._thawed(message):
+                return DeliveryResult(FROZEN)
+        if self.give_up:
+            self._log(f"cancelled by {_login()}")
+            cancelled = "delivery cancelled by administrator"
         await self._io(self._recover_journal, message)
         ctx = self._ctx = self._context(message)
         result = DeliveryResult(INCOMPLETE)
@@ -169,6 +181,8 @@ class MessageDelivery:
                                      dsn_flags=r.dsn_flags, errors_to=r.errors_to)
                      for i, r in enumerate(message.recipients)
                      if not tree_contains(message.non_recipients, r.address)]
+        if cancelled is not None:
+            return await self._cancel(message, addresses, cancelled, result)
         rctx = RoutingContext(self.config, ctx, DELIVER, sender=message.sender)
         routed_deliveries: dict[int, list[DeliveryAddress]] = {}
         # Exim routes the recipients in the reverse order (its chain of
@@ -347,6 +361,18 @@ class MessageDelivery:
 
     def _age(self, message: Any) -> float:
         return self.settings.clock.seconds() - message.received[0]
+
+    async def _cancel(self, message: Any, addresses: list[DeliveryAddress], reason: str,
+                      result: DeliveryResult) -> DeliveryResult:
+        """-Mg and timeout_frozen_after: no delivery; every address left
+        fails (already logged as a whole), and is bounced unless the
+        message is itself a bounce, which is just discarded."""
+        message.frozen_at = None
+        for address in addresses:
+            address.fail(reason)
+            if message.sender:
+                result.failed.append(address)
+        return await self._finish(message, addresses, result)
 
     def _thawed(self, message: Any) -> bool:
         """Whether a frozen message is delivered now (Exim's rules: the
@@ -672,3 +698,13 @@ def _local_retry_key(address: DeliveryAddress) -> str:
     """``T:`` and the address: a local transport's retry key (Exim keys on
     the local part too, as retry_use_local_part does by default here)."""
     return f"T:{address.unique}"
+
+
+def _login() -> str:
+    """Who gave up on a message (Exim logs the real user's login)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid {os.getuid()}"
