@@ -68,12 +68,7 @@ def delivery_line(addr: DeliveryAddress, *, logchar: str, sender: str,
     text = f"{logchar}> " + log_address(addr, success=True, log_as_local=log_as_local,
                                         transport_local=local,
                                         all_parents="all_parents" in selector)
-    if "sender_on_delivery" in selector:
-        text += f" F=<{sender}>"
-    if addr.router:
-        text += f" R={addr.router}"
-    if addr.transport:
-        text += f" T={addr.transport}"
+    text += _sender_and_drivers(addr, sender, selector)
     if "delivery_size" in selector and "size" in addr.extra:
         text += f" S={addr.extra['size']}"
     if local:
@@ -91,9 +86,24 @@ def delivery_line(addr: DeliveryAddress, *, logchar: str, sender: str,
         text += f' C="{quoted}"'
     if "queue_time" in selector and queue_time is not None:
         text += f" QT={_time_text(queue_time, selector)}"
-    if "deliver_time" in selector and "delivery_time" in addr.extra:
-        text += f" DT={_time_text(addr.extra['delivery_time'], selector)}"
+    text += _deliver_time(addr, selector)
     return text
+
+
+def _sender_and_drivers(addr: DeliveryAddress, sender: str, selector: frozenset[str]) -> str:
+    """`` F=<sender>`` (``+sender_on_delivery``), `` R=router``, `` T=transport``."""
+    text = f" F=<{sender}>" if "sender_on_delivery" in selector else ""
+    if addr.router:
+        text += f" R={addr.router}"
+    if addr.transport:
+        text += f" T={addr.transport}"
+    return text
+
+
+def _deliver_time(addr: DeliveryAddress, selector: frozenset[str]) -> str:
+    if "deliver_time" in selector and "delivery_time" in addr.extra:
+        return f" DT={_time_text(addr.extra['delivery_time'], selector)}"
+    return ""
 
 
 def _driver_text(addr: DeliveryAddress, driver_kind: str | None) -> str:
@@ -118,8 +128,7 @@ def deferral_line(addr: DeliveryAddress, *, driver_kind: str | None,
     if addr.basic_errno > 0:
         text += f": {os.strerror(addr.basic_errno)}"
     text += _host_text(addr, selector)
-    if "deliver_time" in selector and "delivery_time" in addr.extra:
-        text += f" DT={_time_text(addr.extra['delivery_time'], selector)}"
+    text += _deliver_time(addr, selector)
     if addr.message:
         text += f": {addr.message}"
     return "== " + text
@@ -129,17 +138,11 @@ def failure_line(addr: DeliveryAddress, *, sender: str, selector: frozenset[str]
     """``** addr R=router T=transport: message``."""
     text = log_address(addr, success=False, log_as_local=False, transport_local=False,
                        all_parents="all_parents" in selector)
-    if "sender_on_delivery" in selector:
-        text += f" F=<{sender}>"
-    if addr.router:
-        text += f" R={addr.router}"
-    if addr.transport:
-        text += f" T={addr.transport}"
+    text += _sender_and_drivers(addr, sender, selector)
     text += _host_text(addr, selector)
     if addr.basic_errno > 0:
         text += f": {os.strerror(addr.basic_errno)}"
     if addr.message:
         text += f": {addr.message}"
-    if "deliver_time" in selector and "delivery_time" in addr.extra:
-        text += f" DT={_time_text(addr.extra['delivery_time'], selector)}"
+    text += _deliver_time(addr, selector)
     return "** " + text
