@@ -76,9 +76,10 @@ class RecordingTransport:
 
 
 def run(coroutine: Any) -> Any:
+    """Run a coroutine that must not wait for I/O (fakes answer at once)."""
     results: list[Any] = []
     Deferred.fromCoroutine(coroutine).addBoth(results.append)
-    assert results, "the delivery waited for I/O"
+    assert results, "the coroutine waited for I/O"
     if hasattr(results[0], "raiseException"):
         results[0].raiseException()
     return results[0]

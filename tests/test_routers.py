@@ -21,12 +21,12 @@ from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.names import dns as tdns
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest as trial
 
 from tests.peers import free_port, require_program
+from tests.test_delivery import run
 from tests.test_dns import DictAuthority, SecureFactory
 from twisted_mta.config import parse_config_text
 from twisted_mta.dns import DnsAnswer, DnsNotFound, DnsTempFail, Resolver
@@ -47,16 +47,6 @@ from twisted_mta.routers.manualroute import match_route_pattern, parse_route_ite
 
 EXIM = "/usr/sbin/exim4"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(coroutine: Any) -> Any:
-    """Run a coroutine that must not wait for I/O (fakes answer at once)."""
-    results: list[Any] = []
-    Deferred.fromCoroutine(coroutine).addBoth(results.append)
-    assert results, "the coroutine waited for I/O"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 class FakeResolver:
@@ -396,6 +386,13 @@ class ManualrouteTests(unittest.TestCase):
             hosts={"byname.example": ["192.0.2.90", "2001:db8::90"],
                    "me.example": ["127.0.0.1"]})
 
+    def assert_verdict(self, options: str, verdict: str, resolver: Any = None,
+                       **kwargs: Any) -> None:
+        """x@a.ex, routed by the manualroute router with *options*, gets
+        the one-line *verdict* (such as "is undeliverable: ...")."""
+        out, _ = manual_bt(["x@a.ex"], options, resolver, **kwargs)
+        self.assertEqual(out, f"x@a.ex {verdict}\n")
+
     def test_route_list_ports_and_options(self) -> None:
         out, _ = manual_bt(["x@a.ex"], r"route_list = a.ex 192.0.2.1::2525:192.0.2.2 ; "
                                        r"b.ex 192.0.2.3")
@@ -481,38 +478,35 @@ class ManualrouteTests(unittest.TestCase):
                                   f'failed in manual router\n', value)
             self.assertEqual(status, code)
         for value in ("decline", "pass"):
-            out, _ = manual_bt(["x@a.ex"], f"{route}\n  host_find_failed = {value}",
-                               self.resolver)
-            self.assertEqual(out, "x@a.ex is undeliverable: Unrouteable address\n")
+            self.assert_verdict(f"{route}\n  host_find_failed = {value}",
+                                "is undeliverable: Unrouteable address", self.resolver)
         out, _ = manual_bt(["x@a.ex"], f"{route}\n  host_find_failed = ignore", self.resolver)
         self.assertIn("  host 192.0.2.9 [192.0.2.9]\n", out)
-        out, _ = manual_bt(["x@a.ex"], "route_list = * nonesuch.example byname\n"
-                                       "  host_find_failed = ignore\n"
-                                       "  host_all_ignored = fail", self.resolver)
-        self.assertEqual(out, "x@a.ex is undeliverable: lookup failed for all hosts in "
-                              "manual router: host_find_failed=ignore "
-                              "host_all_ignored=fail\n")
+        self.assert_verdict("route_list = * nonesuch.example byname\n"
+                            "  host_find_failed = ignore\n"
+                            "  host_all_ignored = fail",
+                            "is undeliverable: lookup failed for all hosts in manual router: "
+                            "host_find_failed=ignore host_all_ignored=fail", self.resolver)
 
     def test_temporary_failure_and_dnssec(self) -> None:
-        out, _ = manual_bt(["x@a.ex"], "route_list = * slowhost.example", self.resolver)
-        self.assertEqual(out, "x@a.ex cannot be resolved at this time: host lookup for "
-                              "slowhost.example did not complete (DNS timeout?)\n")
-        out, _ = manual_bt(["x@a.ex"], "route_list = * mx1.halfsec.example\n"
-                                       "  dnssec_require_domains = *", self.resolver)
-        self.assertEqual(out, "x@a.ex cannot be resolved at this time: host lookup for "
-                              "mx1.halfsec.example done insecurely\n")
+        self.assert_verdict("route_list = * slowhost.example",
+                            "cannot be resolved at this time: host lookup for "
+                            "slowhost.example did not complete (DNS timeout?)", self.resolver)
+        self.assert_verdict("route_list = * mx1.halfsec.example\n"
+                            "  dnssec_require_domains = *",
+                            "cannot be resolved at this time: host lookup for "
+                            "mx1.halfsec.example done insecurely", self.resolver)
 
     def test_self_and_local_hosts(self) -> None:
-        out, _ = manual_bt(["x@a.ex"], "route_list = * me.example byname", self.resolver)
-        self.assertEqual(out, "x@a.ex cannot be resolved at this time: remote host address "
-                              "is the local host\n")
+        self.assert_verdict("route_list = * me.example byname",
+                            "cannot be resolved at this time: remote host address is the "
+                            "local host", self.resolver)
         out, _ = manual_bt(["x@a.ex"], "route_list = * 192.0.2.1:me.example:192.0.2.3 "
                                        "byname", self.resolver)
         self.assertEqual(out.splitlines()[2:], ["  host 192.0.2.1 [192.0.2.1]"])
-        out, _ = manual_bt(["x@a.ex"], "route_list = * 192.0.2.1\n"
-                                       "  self = pass", local=["192.0.2.1"])
-        self.assertEqual(out, "x@a.ex is undeliverable: remote host address is the local "
-                              "host\n")
+        self.assert_verdict("route_list = * 192.0.2.1\n  self = pass",
+                            "is undeliverable: remote host address is the local host",
+                            local=["192.0.2.1"])
         # hosts_treat_as_local
         out, _ = bt(MANUAL.replace("OPTIONS", "route_list = * 192.0.2.1").replace(
             "qualify_domain", "hosts_treat_as_local = 192.0.2.1\nqualify_domain"),
@@ -527,9 +521,8 @@ class ManualrouteTests(unittest.TestCase):
     def test_verify_without_hosts(self) -> None:
         out, status = manual_bt(["x@a.ex"], "route_list = a.ex", verify=True)
         self.assertEqual((out, status), ("x@a.ex verified\n", 0))
-        out, status = manual_bt(["x@a.ex"], "route_list = a.ex")
-        self.assertEqual(out, "x@a.ex cannot be resolved at this time: error in manual "
-                              "router: no host(s) specified for domain a.ex\n")
+        self.assert_verdict("route_list = a.ex", "cannot be resolved at this time: error in "
+                            "manual router: no host(s) specified for domain a.ex")
 
 
 class HostLookupTests(unittest.TestCase):

@@ -563,9 +563,7 @@ def success_dsn(message: SpoolMessage, addresses: list[DeliveryAddress],
     for a in addresses:
         flags, _ = dsn_data(a, config)
         out.append(f"<{a.address}> (relayed {_relayed(a, flags)})\n\n")
-    out.append(f"--{boundary}\nContent-type: message/delivery-status\n\n"
-               f"Reporting-MTA: dns; {options.reporting_mta}\n")
-    out.append(_envelope_id(message) + "\n")
+    out.append(_status_part(message, options, boundary, "message/delivery-status"))
     for a in addresses:
         flags, _ = dsn_data(a, config)
         out.append(_address_action(a, "delivered", "2.0.0", config))
@@ -576,9 +574,7 @@ def success_dsn(message: SpoolMessage, addresses: list[DeliveryAddress],
         else:
             kind = "DSN" if flags & DSN_LASTHOP else "SMTP"
             out.append(f"Diagnostic-Code: X-Exim; relayed via non {kind} router\n\n")
-    out.append(f"--{boundary}\nContent-type: text/rfc822-headers\n\n")
-    out.append(returned_message(message, None))
-    out.append(f"\n--{boundary}--\n")
+    out.append(_headers_part(message, boundary))
     return "".join(out)
 
 
@@ -618,6 +614,45 @@ def _extra_info(address: DeliveryAddress) -> str:
     return "".join(out)
 
 
+def _report_headers(message: SpoolMessage, options: DsnOptions, recipients: str,
+                    boundary: str) -> str:
+    """The headers a bounce and a delay warning share: ``Reply-To:``,
+    ``Auto-Submitted:``, ``From:``, ``To:``, ``References:`` and MIME."""
+    reply_to = f"Reply-To: {options.reply_to}\n" if options.reply_to else ""
+    return (f"{reply_to}Auto-Submitted: auto-replied\nFrom: {options.from_text}\n"
+            f"To: {recipients}\n{references_header(message.headers)}{_mime_headers(boundary)}")
+
+
+def _text_part(boundary: str, template: Template, explanation: str) -> str:
+    """The opening of a report's text part: the template's next section,
+    else the standard introduction followed by *explanation*."""
+    section = template.next()
+    return (f"--{boundary}\nContent-type: text/plain; charset=us-ascii\n\n"
+            + (section if section is not None else _INTRO + explanation))
+
+
+def _status_part(message: SpoolMessage, options: DsnOptions, boundary: str, kind: str) -> str:
+    """The opening of a report's delivery-status part (of MIME type
+    *kind*): the per-message fields."""
+    return (f"--{boundary}\nContent-type: {kind}\n\n"
+            f"Reporting-MTA: dns; {options.reporting_mta}\n{_envelope_id(message)}\n")
+
+
+def _headers_part(message: SpoolMessage, boundary: str) -> str:
+    """The last part of a success DSN or a delay warning: the original
+    message's headers, then the closing boundary."""
+    return (f"--{boundary}\nContent-type: text/rfc822-headers\n\n"
+            f"{returned_message(message, None)}\n--{boundary}--\n")
+
+
+def _address_entry(message: SpoolMessage, address: DeliveryAddress, reason_lead: str) -> str:
+    """An address in a report's text part, with its error (led by
+    *reason_lead*) when it may be shown."""
+    text, shown = address_information(address, "  ", "\n    ", "",
+                                      original=onetime_parent(message, address))
+    return text + (address_error(address, reason_lead) if shown else "") + "\n"
+
+
 def bounce_dsn(message: SpoolMessage, addresses: list[DeliveryAddress], recipient: str,
                options: DsnOptions, boundary: str, returned: str, *, with_body: bool,
                template: Template | None = None, bcc: str | None = None) -> str:
@@ -627,12 +662,7 @@ def bounce_dsn(message: SpoolMessage, addresses: list[DeliveryAddress], recipien
     template = template or Template()
     config = options.config
     to_sender = recipient.lower() == message.sender.lower()
-    out = [_failed_recipients(addresses)]
-    if options.reply_to:
-        out.append(f"Reply-To: {options.reply_to}\n")
-    out.append(f"Auto-Submitted: auto-replied\nFrom: {options.from_text}\nTo: {recipient}\n")
-    out.append(references_header(message.headers))
-    out.append(_mime_headers(boundary))
+    out = [_failed_recipients(addresses), _report_headers(message, options, recipient, boundary)]
     if bcc:
         out.append(f"Bcc: {bcc}\n")
     section = template.next()
@@ -641,34 +671,22 @@ def bounce_dsn(message: SpoolMessage, addresses: list[DeliveryAddress], recipien
     else:
         out.append("Subject: Mail delivery failed"
                    f"{': returning message to sender' if to_sender else ''}\n\n")
-    out.append(f"--{boundary}\nContent-type: text/plain; charset=us-ascii\n\n")
-    section = template.next()
-    if section is not None:
-        out.append(section)
-    else:
-        out.append(_INTRO)
-        if options.message_text:
-            out.append(options.message_text)
-        if to_sender:
-            out.append("\nA message that you sent could not be delivered to one or more of its\n"
+    if to_sender:
+        explanation = ("\nA message that you sent could not be delivered to one or more of its\n"
                        "recipients. This is a permanent error. The following address(es) "
                        "failed:\n")
-        else:
-            out.append(f"\nA message sent by\n\n  <{message.sender}>\n\n"
+    else:
+        explanation = (f"\nA message sent by\n\n  <{message.sender}>\n\n"
                        "could not be delivered to one or more of its recipients. The following\n"
                        "address(es) failed:\n")
+    out.append(_text_part(boundary, template, (options.message_text or "") + explanation))
     out.append("\n")
     # The report part lists the addresses in the reverse order, those with
     # transport output first (Exim's "handled" chain is built backwards).
     handled: list[DeliveryAddress] = []
     with_output: list[DeliveryAddress] = []
     for a in addresses:
-        text, shown = address_information(a, "  ", "\n    ", "",
-                                          original=onetime_parent(message, a))
-        out.append(text)
-        if shown:
-            out.append(address_error(a, ""))
-        out.append("\n")
+        out.append(_address_entry(message, a, ""))
         if a.extra.get(RETURN_OUTPUT):
             with_output.append(a)
         else:
@@ -686,9 +704,7 @@ def bounce_dsn(message: SpoolMessage, addresses: list[DeliveryAddress], recipien
             handled.insert(0, a)
         out.append("\n")
     kind = "message/global-delivery-status" if message.smtputf8 else "message/delivery-status"
-    out.append(f"--{boundary}\nContent-type: {kind}\n\n"
-               f"Reporting-MTA: dns; {options.reporting_mta}\n")
-    out.append(_envelope_id(message) + "\n")
+    out.append(_status_part(message, options, boundary, kind))
     for a in handled:
         out.append(_address_action(a, "failed", "5.0.0", config))
         host = a.host_used
@@ -717,42 +733,26 @@ def warning_dsn(message: SpoolMessage, addresses: list[DeliveryAddress], recipie
     the latest first), sent to *recipients* (a comma list)."""
     template = template or Template()
     config = options.config
-    out = []
-    if options.reply_to:
-        out.append(f"Reply-To: {options.reply_to}\n")
-    out.append(f"Auto-Submitted: auto-replied\nFrom: {options.from_text}\nTo: {recipients}\n")
-    out.append(references_header(message.headers))
-    out.append(_mime_headers(boundary))
+    out = [_report_headers(message, options, recipients, boundary)]
     section = template.next()
     out.append(section + "\n" if section is not None else
                f"Subject: Warning: message {message.id} delayed {delay}\n\n")
-    out.append(f"--{boundary}\nContent-type: text/plain; charset=us-ascii\n\n")
-    section = template.next()
-    if section is not None:
-        out.append(section)
-    else:
-        out.append(_INTRO)
-        if recipients == message.sender:
-            out.append("A message that you sent has not yet been delivered to one or more of "
+    if recipients == message.sender:
+        explanation = ("A message that you sent has not yet been delivered to one or more of "
                        "its\nrecipients after more than ")
-        else:
-            out.append(f"A message sent by\n\n  <{message.sender}>\n\n"
+    else:
+        explanation = (f"A message sent by\n\n  <{message.sender}>\n\n"
                        "has not yet been delivered to one or more of its recipients after "
                        "more than \n")
-        out.append(f"{delay} on the queue on {options.primary_hostname}.\n\n"
-                   f"The message identifier is:     {message.id}\n")
-        out.append(_subject_and_date_lines(message.headers) + "\n")
-        several = len(addresses) > 1
-        out.append(f"The address{'es' if several else ''} to which the message has not yet "
-                   f"been delivered {'are' if several else 'is'}:\n")
+    several = len(addresses) > 1
+    explanation += (f"{delay} on the queue on {options.primary_hostname}.\n\n"
+                    f"The message identifier is:     {message.id}\n"
+                    f"{_subject_and_date_lines(message.headers)}\n"
+                    f"The address{'es' if several else ''} to which the message has not yet "
+                    f"been delivered {'are' if several else 'is'}:\n")
+    out.append(_text_part(boundary, template, explanation))
     out.append("\n")
-    for a in addresses:
-        text, shown = address_information(a, "  ", "\n    ", "",
-                                          original=onetime_parent(message, a))
-        out.append(text)
-        if shown:
-            out.append(address_error(a, "Delay reason: "))
-        out.append("\n")
+    out.extend(_address_entry(message, a, "Delay reason: ") for a in addresses)
     out.append("\n")
     if template.present:
         out.append(template.next() or "")
@@ -761,18 +761,14 @@ def warning_dsn(message: SpoolMessage, addresses: list[DeliveryAddress], recipie
                    "some time, and this warning may be repeated at intervals if the message\n"
                    "remains undelivered. Eventually the mail delivery software will give up,\n"
                    "and when that happens, the message will be returned to you.\n")
-    out.append(f"\n--{boundary}\nContent-type: message/delivery-status\n\n"
-               f"Reporting-MTA: dns; {options.reporting_mta}\n")
-    out.append(_envelope_id(message) + "\n")
+    out.append("\n" + _status_part(message, options, boundary, "message/delivery-status"))
     for a in addresses:
         out.append(_address_action(a, "delayed", "4.0.0", config))
         host = a.host_used
         if host is not None and host.name:
             out.append(f"Remote-MTA: dns; {host.name}\n" + diagnostic_code(a))
         out.append("\n")
-    out.append(f"--{boundary}\nContent-type: text/rfc822-headers\n\n")
-    out.append(returned_message(message, None))
-    out.append(f"\n--{boundary}--\n")
+    out.append(_headers_part(message, boundary))
     return "".join(out)
 
 

@@ -166,7 +166,7 @@ async def route_one(rctx: RoutingContext, address: DeliveryAddress,
                     index = next((i for i, r in enumerate(routers) if r.name == target), index)
                 continue
             if result.kind == DECLINE:
-                if not await _more(rctx, router):
+                if not await _expanded_flag(rctx, router, "more", True, defer_on_error=False):
                     break
                 continue
             if result.kind in (FAIL, DEFER):
@@ -194,7 +194,8 @@ async def route_one(rctx: RoutingContext, address: DeliveryAddress,
             else:
                 routed.deliveries = [address]
             try:
-                unseen = await _unseen(rctx, router)
+                unseen = await _expanded_flag(rctx, router, "unseen", False,
+                                              defer_on_error=True)
             except _Defer as e:
                 return Routed(DEFER, address, router.name, str(e))
             if unseen and index < len(routers):
@@ -247,17 +248,24 @@ def unique_of(address: DeliveryAddress) -> str:
     return address.extra.get("unique") or address.unique
 
 
-async def _unseen(rctx: RoutingContext, router: Any) -> bool:
-    value = router.get("unseen", False)
+async def _expanded_flag(rctx: RoutingContext, router: Any, option: str, default: bool, *,
+                         defer_on_error: bool) -> bool:
+    """A boolean router option that may be an expansion (``unseen``,
+    ``more``): a forced failure gives *default*; another expansion error
+    defers the address when *defer_on_error* (raising _Defer), else also
+    gives *default*."""
+    value = router.get(option, default)
     if isinstance(value, str):
         from twisted_mta.expand.operators import parse_bool
 
         try:
-            return parse_bool(await rctx.ctx.expand(value), False)
+            return parse_bool(await rctx.ctx.expand(value), default)
         except ForcedFailure:
-            return False
+            return default
         except ExpansionError as e:
-            raise _Defer(f'failed to expand "{value}" (unseen): {e.message}') from None
+            if defer_on_error:
+                raise _Defer(f'failed to expand "{value}" ({option}): {e.message}') from None
+            return default
     return bool(value)
 
 
@@ -592,18 +600,6 @@ async def _check_require_files(rctx: RoutingContext, router: Any) -> None:
             continue  # a user or group for the checks that follow
         if os.path.exists(path) == negated:
             raise _Skip()
-
-
-async def _more(rctx: RoutingContext, router: Any) -> bool:
-    value = router.get("more", True)
-    if isinstance(value, str):
-        from twisted_mta.expand.operators import parse_bool
-
-        try:
-            return parse_bool(await rctx.ctx.expand(value), True)
-        except ExpansionError:
-            return True
-    return bool(value)
 
 
 async def _cannot_route_message(rctx: RoutingContext, router: Any) -> str | None:

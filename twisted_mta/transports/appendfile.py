@@ -205,10 +205,7 @@ class AppendfileTransport:
     local = True
 
     async def deliver(self, instance: Any, job: Any) -> None:
-        try:
-            outcome = await self._deliver(instance, job)
-        except Exception as e:  # a bug here must not lose the message
-            outcome = panic(f"{instance.name} transport: internal error: {e!r}")
+        outcome = await C.guard_delivery(instance, self._deliver(instance, job))
         if outcome is None:
             outcome = Outcome(C.OK)
         if outcome.status != "ok" or not any(a.status != "pending" for a in job.addresses):
@@ -415,11 +412,10 @@ class AppendfileTransport:
         if quota.value > 0 or quota.threshold_check or quota.use_size_file:
             text = instance.get("quota_size_regex")
             if text:
-                try:
-                    size_regex = re.compile(text.encode("latin-1"))
-                except re.error as e:
-                    return defer(f"appendfile: regular expression error: {e.msg} at offset "
-                                 f"{e.pos or 0} while compiling {text}")
+                compiled = _compile_regex(text)
+                if isinstance(compiled, Outcome):
+                    return compiled
+                size_regex = compiled
             qdir = instance.get("quota_directory")
             if qdir is not None:
                 try:
@@ -446,11 +442,10 @@ class AppendfileTransport:
         if maildir and quota.use_size_file:
             text = instance.get("maildir_quota_directory_regex")
             if text:
-                try:
-                    dir_regex = re.compile(text.encode("latin-1"))
-                except re.error as e:
-                    return defer(f"appendfile: regular expression error: {e.msg} at offset "
-                                 f"{e.pos or 0} while compiling {text}")
+                compiled = _compile_regex(text)
+                if isinstance(compiled, Outcome):
+                    return compiled
+                dir_regex = compiled
                 if path.startswith(d.check_path):
                     rest = path[len(d.check_path):].lstrip("/")
                     rest = f"{rest}/new" if rest else "new"
@@ -616,7 +611,6 @@ class AppendfileTransport:
     async def _prepare_stream(self, d: _Delivery) -> tuple[Outcome | None,
                                                             MessageStream | None]:
         instance, job = d.instance, d.job
-        name = instance.name
         bsmtp = bool(instance.get("use_bsmtp"))
         crlf = bool(instance.get("use_crlf"))
         plain_file = not d.is_directory and not instance.get("maildir_format") \
@@ -632,13 +626,9 @@ class AppendfileTransport:
                                    "From " if plain_file else None)
             escape = _string_option(instance, "escape_string",
                                     ">From " if plain_file else None)
-        before = after = ""
-        if prefix_opt:
-            try:
-                before = await expand(job, prefix_opt)
-            except ExpansionError:
-                return Outcome(C.DEFER, f'Expansion of "{prefix_opt}" (prefix for {name} '
-                               "transport) failed", C.ERRNO_EXPANDFAIL), None
+        before = await _expand_affix(job, instance, "prefix", prefix_opt)
+        if isinstance(before, Outcome):
+            return before, None
         if bsmtp:
             cr = "\r" if crlf else ""
             before += f"MAIL FROM:<{d.setup.return_path}>{cr}\n"
@@ -660,12 +650,9 @@ class AppendfileTransport:
             return Outcome(C.PANIC, f"failed to expand headers_add or headers_remove while "
                            f"writing to {d.dataname}: {e.message}",
                            C.ERRNO_CHHEADER_FAIL), None
-        if suffix_opt:
-            try:
-                after = await expand(job, suffix_opt)
-            except ExpansionError:
-                return Outcome(C.DEFER, f'Expansion of "{suffix_opt}" (suffix for {name} '
-                               "transport) failed", C.ERRNO_EXPANDFAIL), None
+        after = await _expand_affix(job, instance, "suffix", suffix_opt)
+        if isinstance(after, Outcome):
+            return after, None
         if bsmtp:
             after += ".\r\n" if crlf else ".\n"
         stream = MessageStream(headers, job.data_path, options,
@@ -773,6 +760,29 @@ def _string_option(instance: Any, name: str, default: str | None) -> str | None:
     """A string option whose default depends on the kind of delivery (the
     option tables give the mbox defaults)."""
     return instance.options[name] if name in instance.options else default
+
+
+async def _expand_affix(job: Any, instance: Any, which: str, text: str | None) -> str | Outcome:
+    """``message_prefix`` or ``message_suffix`` (*which*: "prefix" or
+    "suffix") expanded; empty when unset; a failed expansion defers."""
+    if not text:
+        return ""
+    try:
+        return await expand(job, text)
+    except ExpansionError:
+        return Outcome(C.DEFER, f'Expansion of "{text}" ({which} for {instance.name} '
+                       "transport) failed", C.ERRNO_EXPANDFAIL)
+
+
+def _compile_regex(text: str) -> re.Pattern[bytes] | Outcome:
+    """A regex option (``quota_size_regex``, ``maildir_quota_directory_regex``,
+    ``maildirfolder_create_regex``) compiled, or the deferral Exim gives
+    for a bad one."""
+    try:
+        return re.compile(text.encode("latin-1"))
+    except re.error as e:
+        return defer(f"appendfile: regular expression error: {e.msg} at offset "
+                     f"{e.pos or 0} while compiling {text}")
 
 
 def _tainted(path: str, instance: Any) -> Outcome:
@@ -1391,11 +1401,9 @@ def _maildir_ensure_directories(path: str, create: bool, mode: int,
         else:
             return defer(f"existence of {path}{sub} unclear\n", special_action="freeze")
     if folder_regex:
-        try:
-            regex = re.compile(folder_regex.encode("latin-1"))
-        except re.error as e:
-            return defer(f"appendfile: regular expression error: {e.msg} at offset "
-                         f"{e.pos or 0} while compiling {folder_regex}")
+        regex = _compile_regex(folder_regex)
+        if isinstance(regex, Outcome):
+            return regex
         if regex.search(path.encode("latin-1")):
             name = f"{path}/maildirfolder"
             if not os.path.exists(name):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -141,6 +141,15 @@ async def run_blocking(job: Any, f: Callable[..., T], *args: Any) -> T:
     return await deferToThreadPool(job.reactor, job.threadpool, f, *args)
 
 
+async def guard_delivery(instance: Any, delivery: Awaitable[T]) -> T | Outcome:
+    """Await a driver's own delivery; an exception from it (a bug) becomes
+    a panic, so that it does not lose the message."""
+    try:
+        return await delivery
+    except Exception as e:  # a bug here must not lose the message
+        return panic(f"{instance.name} transport: internal error: {e!r}")
+
+
 # -- what the delivery process would have set up -------------------------------------
 
 
@@ -190,14 +199,10 @@ async def start_delivery(instance: Any, job: Any) -> DeliverySetup | Outcome:
     if raw_home is None:
         raw_home = first.home_directory
     if raw_home is not None:
-        try:
-            home = await expand(job, str(raw_home))
-        except ExpansionError as e:
-            return defer(f'home directory "{raw_home}" failed to expand for {instance.name} '
-                         f"transport: {e.message}", ERRNO_EXPANDFAIL)
-        if not home.startswith("/"):
-            return defer(f'home directory path "{home}" is not absolute for {instance.name} '
-                         "transport", ERRNO_NOTABSOLUTE)
+        expanded = await expand_directory(job, instance, "home directory", str(raw_home))
+        if isinstance(expanded, Outcome):
+            return expanded
+        home = expanded
         job.ctx.variables["home"] = home
 
     limit = instance.get("message_size_limit")
@@ -206,6 +211,21 @@ async def start_delivery(instance: Any, job: Any) -> DeliverySetup | Outcome:
         if outcome is not None:
             return outcome
     return DeliverySetup(return_path, uid, gid, user_set, home)
+
+
+async def expand_directory(job: Any, instance: Any, what: str, raw: str) -> str | Outcome:
+    """Expand the transport's *what* (``home directory``, ``current
+    directory``), which must give an absolute path; deliver.c's deferrals
+    otherwise."""
+    try:
+        path = await expand(job, raw)
+    except ExpansionError as e:
+        return defer(f'{what} "{raw}" failed to expand for {instance.name} transport: '
+                     f"{e.message}", ERRNO_EXPANDFAIL)
+    if not path.startswith("/"):
+        return defer(f'{what} path "{path}" is not absolute for {instance.name} transport',
+                     ERRNO_NOTABSOLUTE)
+    return path
 
 
 async def check_message_size(instance: Any, job: Any, limit: str) -> Outcome | None:
@@ -238,20 +258,13 @@ async def _find_ugid(instance: Any, job: Any) -> tuple[int, int, bool] | Outcome
     owner appendfile checks for and gives to the files it creates."""
     uid, gid = os.geteuid(), os.getegid()
     user_set = False
-    user = instance.get("user")
-    if user is None:
-        user = job.addresses[0].extra.get("uid")
+    user = _owner_option(instance, job, "user", "uid")
     if user is not None:
         if isinstance(user, str):
-            try:
-                name = await expand(job, user)
-            except ExpansionError as e:
-                return defer(f'Failed to expand user string "{user}" for the {instance.name} '
-                             f"transport: {e.message}", ERRNO_UIDFAIL)
-            found = _find_user(name)
-            if found is None:
-                return defer(f'Failed to find user "{name}" from expanded string "{user}" for '
-                             f"the {instance.name} transport", ERRNO_UIDFAIL)
+            found = await _look_up_owner(instance, job, "user", user, _find_user,
+                                         ERRNO_UIDFAIL)
+            if isinstance(found, Outcome):
+                return found
             uid, gid = found
         else:
             uid = int(user)
@@ -260,24 +273,40 @@ async def _find_ugid(instance: Any, job: Any) -> tuple[int, int, bool] | Outcome
             except KeyError:
                 pass
         user_set = True
-    group = instance.get("group")
-    if group is None:
-        group = job.addresses[0].extra.get("gid")
+    group = _owner_option(instance, job, "group", "gid")
     if group is not None:
         if isinstance(group, str):
-            try:
-                name = await expand(job, group)
-            except ExpansionError as e:
-                return defer(f'Failed to expand group string "{group}" for the '
-                             f"{instance.name} transport: {e.message}", ERRNO_GIDFAIL)
-            found_gid = _find_group(name)
-            if found_gid is None:
-                return defer(f'Failed to find group "{name}" from expanded string "{group}" '
-                             f"for the {instance.name} transport", ERRNO_GIDFAIL)
+            found_gid = await _look_up_owner(instance, job, "group", group, _find_group,
+                                             ERRNO_GIDFAIL)
+            if isinstance(found_gid, Outcome):
+                return found_gid
             gid = found_gid
         else:
             gid = int(group)
     return uid, gid, user_set
+
+
+def _owner_option(instance: Any, job: Any, option: str, address_key: str) -> Any:
+    """The transport's ``user`` or ``group``, else the one the router set
+    on the address (``uid``/``gid`` in its extra)."""
+    value = instance.get(option)
+    return value if value is not None else job.addresses[0].extra.get(address_key)
+
+
+async def _look_up_owner(instance: Any, job: Any, kind: str, text: str,
+                         find: Callable[[str], T | None], errno: int) -> T | Outcome:
+    """Expand a ``user`` or ``group`` string (*kind*) and find it with
+    *find*; a failed expansion or an unknown name defers with *errno*."""
+    try:
+        name = await expand(job, text)
+    except ExpansionError as e:
+        return defer(f'Failed to expand {kind} string "{text}" for the {instance.name} '
+                     f"transport: {e.message}", errno)
+    found = find(name)
+    if found is None:
+        return defer(f'Failed to find {kind} "{name}" from expanded string "{text}" for '
+                     f"the {instance.name} transport", errno)
+    return found
 
 
 def _find_user(name: str) -> tuple[int, int] | None:

@@ -215,10 +215,7 @@ class LmtpTransport:
     local = True
 
     async def deliver(self, instance: Any, job: Any) -> None:
-        try:
-            outcome = await self._deliver(instance, job)
-        except Exception as e:  # a bug here must not lose the message
-            outcome = panic(f"{instance.name} transport: internal error: {e!r}")
+        outcome = await C.guard_delivery(instance, self._deliver(instance, job))
         if outcome is not None:
             outcome.apply(job.addresses)
 
@@ -314,11 +311,7 @@ class LmtpTransport:
             session.command(f"MAIL FROM:<{return_path}>")
             ok, reply, error = await session.response("2")
             if not ok:
-                more = 0
-                if error == 0 and reply[:1] == "4":
-                    error = C.ERRNO_MAIL4XX
-                    more = _code(reply) << 8
-                return await self._response_failed(session, error, reply, more)
+                return await self._response_failed(session, error, reply, C.ERRNO_MAIL4XX)
 
             pending = []
             include = bool(instance.get("rcpt_include_affixes"))
@@ -342,11 +335,7 @@ class LmtpTransport:
                 session.command("DATA")
                 ok, reply, error = await session.response("3")
                 if not ok:
-                    more = 0
-                    if error == 0 and reply[:1] == "4":
-                        error = C.ERRNO_DATA4XX
-                        more = _code(reply) << 8
-                    return await self._response_failed(session, error, reply, more)
+                    return await self._response_failed(session, error, reply, C.ERRNO_DATA4XX)
                 session.last = "sending data block"
                 writing = tdefer.Deferred.fromCoroutine(self._send(session, stream))
                 done, _ = await wait_for(writing, session.timeout, job.clock)
@@ -397,8 +386,13 @@ class LmtpTransport:
                    lambda: session.closed)
 
     async def _response_failed(self, session: _Session, error: int, reply: str,
-                               more_errno: int = 0) -> Outcome:
-        """RESPONSE_FAILED in lmtp.c: one result for every address."""
+                               errno_4xx: int | None = None) -> Outcome:
+        """RESPONSE_FAILED in lmtp.c: one result for every address.  A 4xx
+        reply to MAIL or DATA is recorded as *errno_4xx*, with the reply
+        code in more_errno."""
+        more_errno = 0
+        if errno_4xx is not None and error == 0 and reply[:1] == "4":
+            error, more_errno = errno_4xx, _code(reply) << 8
         basic = error if error not in (E.ETIMEDOUT, 0) else 0
         quit_, digit, message = _check_response(session, error, reply)
         if quit_:

@@ -115,30 +115,15 @@ async def build_headers(job: Any, instance: Any, options: WriteOptions,
             continue
         out.append(header.text)
 
+    added: list[str] = []
     if first is not None:
         for raw in first.headers_add:
-            for item in split_list_with(raw, "\n"):
-                try:
-                    text = await expand(job, item)
-                except ForcedFailure:
-                    continue
-                except ExpansionError as e:
-                    raise HeaderChangeError(
-                        e.message, f'{first.router} router failed to expand add_headers '
-                        f'item "{item}": {e.message}') from None
-                if text:
-                    out.append(text if text.endswith("\n") else text + "\n")
-    added = instance.get("headers_add")
-    if added:
-        for item in split_list_with(str(added), "\n"):
-            try:
-                text = await expand(job, item)
-            except ForcedFailure:
-                continue
-            except ExpansionError as e:
-                raise HeaderChangeError(e.message) from None
-            if text:
-                out.append(text if text.endswith("\n") else text + "\n")
+            added += await _expand_items(job, raw, "\n",
+                                         f"{first.router} router failed to expand add_headers")
+    option = instance.get("headers_add")
+    if option:
+        added += await _expand_items(job, str(option), "\n")
+    out.extend(text if text.endswith("\n") else text + "\n" for text in added)
     out.append("\n")
     return "".join(out)
 
@@ -147,28 +132,33 @@ async def _removals(job: Any, instance: Any, first: Any) -> list[str]:
     items: list[str] = []
     option = instance.get("headers_remove")
     if option:
-        for item in split_list_with(str(option), ":"):
-            try:
-                text = await expand(job, item)
-            except ForcedFailure:
-                continue
-            except ExpansionError as e:
-                raise HeaderChangeError(e.message) from None
-            if text:
-                items.append(text)
+        items += await _expand_items(job, str(option), ":")
     if first is not None:
         for raw in first.headers_remove:
-            for item in split_list_with(raw, ":"):
-                try:
-                    text = await expand(job, item)
-                except ForcedFailure:
-                    continue
-                except ExpansionError as e:
-                    raise HeaderChangeError(
-                        e.message, f'{first.router} router failed to expand remove_headers '
-                        f'item "{item}": {e.message}') from None
-                if text:
-                    items.append(text)
+            items += await _expand_items(
+                job, raw, ":", f"{first.router} router failed to expand remove_headers")
+    return items
+
+
+async def _expand_items(job: Any, text: str, separator: str,
+                        router_failure: str | None = None) -> list[str]:
+    """The items of a ``headers_add``/``headers_remove`` list, expanded,
+    less those that expand to nothing or are forced to fail.  An item that
+    fails to expand raises HeaderChangeError; for a router's list,
+    *router_failure* starts its routing message."""
+    items: list[str] = []
+    for item in split_list_with(text, separator):
+        try:
+            expanded = await expand(job, item)
+        except ForcedFailure:
+            continue
+        except ExpansionError as e:
+            routing = None
+            if router_failure is not None:
+                routing = f'{router_failure} item "{item}": {e.message}'
+            raise HeaderChangeError(e.message, routing) from None
+        if expanded:
+            items.append(expanded)
     return items
 
 

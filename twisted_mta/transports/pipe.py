@@ -140,11 +140,8 @@ class PipeTransport:
     local = True
 
     async def deliver(self, instance: Any, job: Any) -> None:
-        output = b""
-        try:
-            outcome, output = await self._deliver(instance, job)
-        except Exception as e:  # a bug here must not lose the message
-            outcome = panic(f"{instance.name} transport: internal error: {e!r}")
+        result = await C.guard_delivery(instance, self._deliver(instance, job))
+        outcome, output = (result, b"") if isinstance(result, Outcome) else result
         if outcome.status != C.OK:
             outcome.user_message = "local delivery failed"
         self._handle_output(instance, job, outcome, output)
@@ -465,16 +462,11 @@ async def _working_directory(job: Any, instance: Any, setup: C.DeliverySetup) ->
     raw = instance.get("current_directory")
     if raw is None:
         raw = job.addresses[0].extra.get("current_directory")
-    name = instance.name
     if raw is not None:
-        try:
-            directory = await expand(job, str(raw))
-        except ExpansionError as e:
-            return defer(f'current directory "{raw}" failed to expand for {name} transport: '
-                         f"{e.message}", C.ERRNO_EXPANDFAIL)
-        if not directory.startswith("/"):
-            return defer(f'current directory path "{directory}" is not absolute for {name} '
-                         "transport", C.ERRNO_NOTABSOLUTE)
+        expanded = await C.expand_directory(job, instance, "current directory", str(raw))
+        if isinstance(expanded, Outcome):
+            return expanded
+        directory = expanded
     else:
         directory = setup.home or "/"
     if not await C.run_blocking(job, os.path.isdir, directory):
