@@ -353,3 +353,21 @@ class DataWithoutRecipientsTests(_TempDirCase):
             b"503-All RCPT commands were rejected with this error:\r\n"
             b"503-503 sender not yet given\r\n"
             b"503 valid RCPT command must precede DATA\r\n"), out)
+
+
+class MessageLinecountTests(_TempDirCase):
+    """$message_linecount as exim4 -bh gives it: the lines received (the
+    header/body separator counted even when missing), not the headers the
+    MTA adds."""
+
+    def linecount(self, *data: str) -> str:
+        config = config_from_text("acl_smtp_data = d\n" + RCPT_ACCEPT
+                                  + "d:\n  accept logwrite = lc=$message_linecount\n")
+        harness = Harness(config, self.tmp)
+        harness.connect()
+        say(harness, "EHLO x", "MAIL FROM:<a@b.c>", "RCPT TO:<x@test.ex>", "DATA", *data, ".")
+        return next(line for line in harness.log_lines() if "lc=" in line).split("lc=")[1]
+
+    def test_counts(self) -> None:
+        self.assertEqual(self.linecount("Subject: x", "From: y@z", "", "hi", "there"), "5")
+        self.assertEqual(self.linecount("Subject: x", "\tcontinued", "no-blank: x", "hi"), "5")

@@ -46,6 +46,10 @@ class IncomingMessage:
     size_read: int = 0
     too_big: bool = False
     added_size: int = 0
+    #: $message_linecount: the header lines received, one for the blank
+    #: line (counted even when the sender left it out, as Exim does) and
+    #: the body lines; headers added here do not count.
+    lines_read: int = 0
 
     def add_header(self, header: Header, index: int | None = None) -> None:
         """Add a header the MTA made (Received, ACL headers); Exim counts
@@ -169,7 +173,8 @@ class DataReader:
         return IncomingMessage(
             headers=headers, body=body, body_linecount=len(body_lines),
             max_linelength=self.max_linelength, body_zerocount=body.count(b"\0"),
-            size_read=self.size_read, too_big=self.too_big)
+            size_read=self.size_read, too_big=self.too_big,
+            lines_read=sum(h.text.count("\n") for h in headers) + 1 + len(body_lines))
 
 
 def logged_message_id(headers: list[Header]) -> str | None:

@@ -229,8 +229,7 @@ def _message_variables(server: ESMTPServer, message: IncomingMessage) -> None:
     variables["message_size"] = str(message.size_read)
     variables["message_body_size"] = str(len(message.body))
     variables["body_linecount"] = str(message.body_linecount)
-    variables["message_linecount"] = str(message.body_linecount + sum(
-        h.text.count("\n") for h in message.headers if h.flag != "*") + 1)
+    variables["message_linecount"] = str(message.lines_read)
     variables["body_zerocount"] = str(message.body_zerocount)
     variables["max_received_linelength"] = str(message.max_linelength)
     visible = int(server.config.get("message_body_visible", 500) or 500)
