@@ -61,20 +61,33 @@ def _listening(port: int, host: str = "127.0.0.1") -> bool:
             return False
 
 
+def exim_py_environment() -> dict[str, str]:
+    """The environment for exim-py's programs: ours, with the source tree
+    first on PYTHONPATH (the twistd plugin lives there)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"]
+                                if env.get("PYTHONPATH") else "")
+    return env
+
+
 class EximPyDaemon(Peer):
     """exim-py's daemon on 127.0.0.1:``port``.
 
     *config* is the configuration text (main options first, then any
     ``begin`` sections).  *mode* is ``twistd`` (``twistd -n --pidfile=
-    exim-py -C FILE``) or ``bd`` (``exim-py -C FILE -bd -oX PORT``)."""
+    exim-py -C FILE``) or ``bd`` (``exim-py -C FILE -bd -oX PORT``).
+    *queue_interval* (``"1h"``) adds periodic queue runs, the first at
+    start-up (the plugin's ``-q 1h``, or ``-bd -q1h``)."""
 
     program = os.path.join(BIN, "twistd")
     cli = os.path.join(BIN, "exim-py")
 
     def __init__(self, config: str = "", *, mode: str = "twistd",
                  hostname: str = "mta.test", port: int | None = None,
-                 directory: str | None = None) -> None:
+                 directory: str | None = None,
+                 queue_interval: str | None = None) -> None:
         super().__init__()
+        self.queue_interval = queue_interval
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
         self.text = config
@@ -129,16 +142,19 @@ class EximPyDaemon(Peer):
         with open(self.config_path, "w") as f:
             f.write(self.config())
         if self.mode == "bd":
-            return [self.cli, "-C", self.config_path, "-bd", "-oX", str(self.port)]
-        return [self.program, "-n", "--pidfile=", "exim-py", "-C", self.config_path]
+            queue = [f"-q{self.queue_interval}"] if self.queue_interval else []
+            return [self.cli, "-C", self.config_path, "-bd", "-oX", str(self.port), *queue]
+        queue = ["-q", self.queue_interval] if self.queue_interval else []
+        return [self.program, "-n", "--pidfile=", "exim-py", "-C", self.config_path, *queue]
 
     # -- start and stop --------------------------------------------------
 
+    def environment(self) -> dict[str, str]:
+        return exim_py_environment()
+
     def start(self) -> EximPyDaemon:
         require_program(self.program)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"]
-                                    if env.get("PYTHONPATH") else "")
+        env = self.environment()
         with open(os.path.join(self.directory, "output.log"), "ab") as log:
             self.process = subprocess.Popen(
                 self.command(), cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
@@ -173,6 +189,19 @@ class EximPyDaemon(Peer):
         self.stop()
         wait_until(lambda: not _listening(self.port), timeout=10)
         return self.start()
+
+    def exim_py(self, *args: str, input: bytes | None = None,
+                timeout: float = 30) -> subprocess.CompletedProcess:
+        """Run ``exim-py -C <this daemon's configuration> ARGS`` (``-bp``,
+        ``-M id``, ``-odq -bm``...) in the daemon's directory, on the same
+        spool and logs; standard output and error are bytes."""
+        require_program(self.cli)
+        if not os.path.exists(self.config_path):
+            with open(self.config_path, "w") as f:
+                f.write(self.config())
+        return subprocess.run([self.cli, "-C", self.config_path, *args], input=input,
+                              capture_output=True, cwd=self.directory, timeout=timeout,
+                              env=self.environment())
 
     # -- what it wrote ---------------------------------------------------
 

@@ -62,7 +62,7 @@ def run_with_reactor(config: Any,
         defer.Deferred.fromCoroutine(work(settings)).addBoth(finished)
 
     reactor.callWhenRunning(start)
-    reactor.run(installSignalHandlers=False)
+    reactor.run()  # with SIGCHLD handling: pipe transports need it
     return status[0] if status else 1
 
 

@@ -22,6 +22,7 @@ L{DeliverySettings.deliver_new}, or in place when that is None, unless
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -426,6 +427,17 @@ class MessageDelivery:
         retry_ok, retry_exists = (True, False)
         if getattr(driver, "local", True):
             retry_ok, retry_exists = await self._local_retry_ok(address)
+        if retry_ok and getattr(driver, "local", True):
+            problem = await self._io(_working_directory_problem,
+                                     instance.get("current_directory") or
+                                     address.home_directory)
+            if problem is not None:
+                # Exim's delivery process could not chdir there.
+                address.defer(problem[1], errno=problem[0])
+                self._log(deferral_line(address, driver_kind="transport",
+                                        selector=self.selector))
+                self._deferred(address, result)
+                return
         if not retry_ok:
             from twisted_mta.queue.retry import ERRNO_LRETRY
 
@@ -465,6 +477,8 @@ class MessageDelivery:
         else:
             if address.status == PENDING:
                 address.defer("transport gave no result")
+            if address.extra.get("panic"):
+                self._log(address.message or "", ("main", "panic"))
             self._log(deferral_line(address, driver_kind="transport", selector=self.selector))
             self._deferred(address, result)
 
@@ -708,3 +722,18 @@ def _login() -> str:
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         return f"uid {os.getuid()}"
+
+
+def _working_directory_problem(path: str | None) -> tuple[int, str] | None:
+    """(errno, message) when a local delivery could not work in *path*
+    (the transport's current_directory, else the home directory)."""
+    if not path or "$" in path:
+        return None
+    try:
+        if os.path.isdir(path):
+            return None
+        os.stat(path)
+        error = errno.ENOTDIR
+    except OSError as e:
+        error = e.errno or errno.ENOENT
+    return error, f"failed to chdir to {path}"

@@ -176,7 +176,7 @@ async def route_one(rctx: RoutingContext, address: DeliveryAddress,
                 return Routed(ACCEPT, address, router.name, rerouted=True,
                               children=[(child, None) for child in result.children])
             address.router = router.name
-            _keep_router_variables(rctx, address)
+            _keep_router_variables(rctx, address, router)
             try:
                 await _apply_generic_options(rctx, router, address)
             except _Defer as e:
@@ -188,6 +188,10 @@ async def route_one(rctx: RoutingContext, address: DeliveryAddress,
                 if child.pipe_command is not None or child.file_path is not None \
                         or child.discarded is not None:
                     child.router = router.name  # pipes and files are not routed again
+                    # ...and run as the user the redirecting router found.
+                    for key in ("uid", "gid", "router_variables"):
+                        if key in address.extra:
+                            child.extra[key] = address.extra[key]
             if result.children:
                 start_children = router.get("redirect_router")
                 routed.children = [(child, start_children) for child in result.children]
@@ -377,10 +381,21 @@ ROUTER_SET_VARIABLES = ("local_part_data", "domain_data", "home", "local_user_ui
                         "local_part_prefix_v", "local_part_suffix_v")
 
 
-def _keep_router_variables(rctx: RoutingContext, address: DeliveryAddress) -> None:
+def _keep_router_variables(rctx: RoutingContext, address: DeliveryAddress,
+                           router: Any = None) -> None:
+    """What the transport needs from the router: its variables, and the
+    user and group to deliver as (``check_local_user``, ``user``, ``group``)."""
     variables = rctx.ctx.variables
     address.extra["router_variables"] = {
         name: variables[name] for name in ROUTER_SET_VARIABLES if name in variables}
+    if "local_user_uid" in variables:
+        address.extra["uid"] = int(variables["local_user_uid"])
+        address.extra["gid"] = int(variables["local_user_gid"])
+    if router is not None:
+        for option, key in (("user", "uid"), ("group", "gid")):
+            value = router.get(option)
+            if value is not None:
+                address.extra[key] = value
 
 
 def _set_address_variables(rctx: RoutingContext, address: DeliveryAddress) -> None:

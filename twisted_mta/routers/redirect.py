@@ -226,7 +226,7 @@ def _split_items(text: str) -> list[str]:
         if stripped[:1] in "|/" or stripped[:2] in ('"|', '"/'):
             # A pipe or file runs to the end of the line (or its quote).
             if stripped[0] == '"':
-                close = stripped.find('"', 1)
+                close = _closing_quote(stripped)
                 end = pos + (close + 1 if close >= 0 else len(stripped))
             else:
                 newline = stripped.find("\n")
@@ -246,6 +246,20 @@ def _split_items(text: str) -> list[str]:
         items.append(joined[pos:end])
         pos = end + 1
     return items
+
+
+def _closing_quote(text: str) -> int:
+    """Where the quoted item starting at text[0] ends; a backslash escapes
+    the character after it (``"|/bin/sh -c \\"cat > x\\""``)."""
+    i = 1
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == '"':
+            return i
+        i += 1
+    return -1
 
 
 def _permitted(instance: Any, special: str) -> bool:

@@ -430,7 +430,8 @@ class AppendfileTransport:
             problem = await run_blocking(job, _maildir_ensure_directories, path,
                                          bool(instance.get("create_directory")),
                                          int(instance.get("directory_mode")),
-                                         instance.get("maildirfolder_create_regex"))
+                                         instance.get("maildirfolder_create_regex"),
+                                         (d.setup.uid, d.setup.gid))
             if problem is not None:
                 return problem
             if (quota.value > 0 or quota.threshold_check or quota.use_size_file) and \
@@ -957,9 +958,10 @@ def _make_parent(path: str, mode: int) -> Outcome | None:
     return None
 
 
-def _directory_make(path: str, mode: int) -> None:
+def _directory_make(path: str, mode: int, owner: tuple[int, int] | None = None) -> None:
     """directory_make(): create the missing directories of *path*, each
-    with *mode* (umask ignored, as Exim runs with umask 0)."""
+    with *mode* (umask ignored, as Exim runs with umask 0), owned by the
+    delivery's user when we run as root (Exim creates them as that user)."""
     if is_tainted(path):
         raise OSError(E.EACCES, "tainted")
     pos = 1
@@ -972,6 +974,8 @@ def _directory_make(path: str, mode: int) -> None:
             try:
                 os.mkdir(part, mode)
                 os.chmod(part, mode)
+                if owner is not None and os.geteuid() == 0:
+                    os.chown(part, *owner)
             except FileExistsError:
                 pass
         pos = slash + 1
@@ -1248,7 +1252,7 @@ def _smail_open(d: _Delivery, create_dirs: bool, dirmode: int) -> Outcome | None
         if e.errno != E.ENOENT or not create_dirs:
             return defer(f"while creating file {name}", e.errno or 0)
     try:
-        _directory_make(d.path, dirmode)
+        _directory_make(d.path, dirmode, (d.setup.uid, d.setup.gid))
         d.fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, d.mode)
     except OSError as e:
         return defer(f"while creating file {name}", e.errno or 0)
@@ -1295,7 +1299,7 @@ def _mailstore_write_envelope(d: _Delivery, texts: list[Any], lines: list[str],
         if e.errno != E.ENOENT or not create_dirs:
             return defer(f"while creating file {d.filename}", e.errno or 0)
         try:
-            _directory_make(d.path, dirmode)
+            _directory_make(d.path, dirmode, (d.setup.uid, d.setup.gid))
             fd = os.open(d.real_filename, flags, d.mode)
         except OSError as e2:
             return defer(f"while creating file {d.filename}", e2.errno or 0)
@@ -1378,7 +1382,8 @@ def _discard_directory_files(d: _Delivery) -> None:
 
 
 def _maildir_ensure_directories(path: str, create: bool, mode: int,
-                                folder_regex: str | None) -> Outcome | None:
+                                folder_regex: str | None,
+                                owner: tuple[int, int] | None = None) -> Outcome | None:
     for sub in ("", "/tmp", "/new", "/cur"):
         target = path + sub
         for _ in range(10):
@@ -1387,7 +1392,7 @@ def _maildir_ensure_directories(path: str, create: bool, mode: int,
             except OSError as e:
                 if e.errno == E.ENOENT and create:
                     try:
-                        _directory_make(target, mode)
+                        _directory_make(target, mode, owner)
                     except OSError as e2:
                         if e2.errno == E.EEXIST:
                             continue

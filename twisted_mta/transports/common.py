@@ -283,7 +283,28 @@ async def _find_ugid(instance: Any, job: Any) -> tuple[int, int, bool] | Outcome
             gid = found_gid
         else:
             gid = int(group)
+    if user_set:
+        # Exim's fixed_never_users is root on Debian; never_users adds more.
+        never = "fixed_never_users" if uid == 0 else \
+            "never_users" if _in_never_users(job, uid) else None
+        if never is not None:
+            return panic(f"User {uid} set for {instance.name} transport is on the {never} "
+                         f"list", ERRNO_UIDFAIL)
     return uid, gid, user_set
+
+
+def _in_never_users(job: Any, uid: int) -> bool:
+    from twisted_mta.values import split_list
+
+    text = job.config.get("never_users") if job.config is not None else None
+    for item in split_list(str(text)) if text else []:
+        try:
+            found = int(item) if item.isdigit() else pwd.getpwnam(item).pw_uid
+        except KeyError:
+            continue
+        if found == uid:
+            return True
+    return False
 
 
 def _owner_option(instance: Any, job: Any, option: str, address_key: str) -> Any:
