@@ -310,3 +310,11 @@ class CancelTests(_DeliveryCase):
         self.assertEqual(self.deliver().outcome, COMPLETED)
         self.assertEqual(self.transport.delivered, [])
         self.assertIn(f"{MESSAGE_ID} cancelled by timeout_frozen_after", self.log_lines())
+
+    def test_dont_deliver(self) -> None:
+        # -N, as exim4 -N -odi logs it: routed, no transport, "*>".
+        self.spool_message("alice@test.ex")
+        self.assertEqual(self.deliver(dont_deliver=True).outcome, COMPLETED)
+        self.assertEqual(self.transport.delivered, [])
+        self.assertIn(f"{MESSAGE_ID} *> alice <alice@test.ex> R=local T=record DT=0s",
+                      self.log_lines())

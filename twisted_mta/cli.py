@@ -45,6 +45,8 @@ class Invocation:
     delivery_mode: str = "b"
     extract_recipients: bool = False
     dot_ends: bool = True
+    #: -N: deliveries are routed but no transport is run ("*>" lines).
+    dont_deliver: bool = False
     sender: str | None = None
 
 
@@ -91,6 +93,8 @@ def parse_arguments(argv: Sequence[str]) -> Invocation:
             inv.mode = "bm"
         elif arg == "-t":
             inv.extract_recipients = True
+        elif arg == "-N":
+            inv.dont_deliver = True
         elif arg in ("-i", "-oi"):
             inv.dot_ends = False
         elif arg.startswith("-f"):
@@ -225,11 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if inv.mode == "q":
         from twisted_mta.queue.command import queue_run
 
-        return queue_run(config, force=inv.queue_force, thaw=inv.queue_thaw)
+        return queue_run(config, force=inv.queue_force, thaw=inv.queue_thaw,
+                         dont_deliver=inv.dont_deliver)
     if inv.mode in ("M", "Mg"):
         from twisted_mta.queue.command import deliver_messages
 
-        return deliver_messages(config, inv.arguments, out, give_up=inv.mode == "Mg")
+        return deliver_messages(config, inv.arguments, out, give_up=inv.mode == "Mg",
+                                dont_deliver=inv.dont_deliver)
     if inv.mode == "bm":
         return submit_message(config, inv)
     if inv.mode.startswith(("bp", "M")):
@@ -280,7 +286,7 @@ def submit_message(config, inv: Invocation) -> int:
     log = EximLog.from_config(config, _WallClock(), os.getpid(), SyncLogWriter())
     submission = Submission(sys.stdin.buffer.read(), recipients=list(inv.arguments),
                             sender=inv.sender, extract_recipients=inv.extract_recipients,
-                            dot_ends=inv.dot_ends)
+                            dot_ends=inv.dot_ends, dont_deliver=inv.dont_deliver)
     spooled: list[str] = []
 
     async def spool_it() -> None:

@@ -70,6 +70,8 @@ class Submission:
     extract_recipients: bool = False
     dot_ends: bool = True
     protocol: str = "local"
+    #: -N: the message is never delivered ("*>" lines), as Exim's -N.
+    dont_deliver: bool = False
     #: The id of the message a bounce is about (logged as ``R=``).
     reference: str | None = None
     #: A report exim-py makes itself (``-E``): spooled with ``-localerror``.
@@ -147,6 +149,7 @@ async def submit(submission: Submission, *, config: Any, spool: Any, log: Any,
         auth_sender=None if sender_forced else sender,
         allow_unqualified_recipient=True, allow_unqualified_sender=True,
         sender_local=not sender_forced, local_error_message=submission.local_error,
+        dont_deliver=submission.dont_deliver,
         recipients=[Recipient(Tainted(r)) for r in recipients],
         headers=[SpoolHeader(h.text, h.flag) for h in message.headers])
     # Spool writes fsync: in the daemon they go to the thread pool.

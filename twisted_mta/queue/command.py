@@ -66,19 +66,21 @@ def run_with_reactor(config: Any,
     return status[0] if status else 1
 
 
-def queue_run(config: Any, *, force: bool, thaw: bool) -> int:
-    """``-q``, ``-qf``, ``-qff``: one pass over the queue."""
+def queue_run(config: Any, *, force: bool, thaw: bool, dont_deliver: bool = False) -> int:
+    """``-q``, ``-qf``, ``-qff``: one pass over the queue (``-N``: no
+    transport is run)."""
     from twisted_mta.queue.runner import QueueRunner
 
     async def work(settings: DeliverySettings) -> int:
-        await QueueRunner(settings).queue_run(force=force, thaw=thaw)
+        await QueueRunner(settings).queue_run(force=force, thaw=thaw,
+                                              dont_deliver=dont_deliver)
         return 0
 
     return run_with_reactor(config, work)
 
 
 def deliver_messages(config: Any, message_ids: list[str], out: BinaryIO, *,
-                     give_up: bool = False) -> int:
+                     give_up: bool = False, dont_deliver: bool = False) -> int:
     """``-M id...``: deliver now, thawing and ignoring retry times; with
     *give_up* (``-Mg``), fail every address left instead."""
     from twisted_mta.queue.deliver import LOCKED, MISSING
@@ -87,7 +89,7 @@ def deliver_messages(config: Any, message_ids: list[str], out: BinaryIO, *,
         status = 0
         for message_id in message_ids:
             result = await MessageDelivery(settings, message_id, force=True, thaw=True,
-                                           give_up=give_up).run()
+                                           give_up=give_up, dont_deliver=dont_deliver).run()
             if result.outcome == MISSING:
                 out.write(f"Spool file not found: {message_id}-H\n".encode())
                 status = 1

@@ -90,7 +90,8 @@ class MessageDelivery:
 
     def __init__(self, settings: DeliverySettings, message_id: str, *,
                  force: bool = False, thaw: bool = False,
-                 queue_running: bool = False, give_up: bool = False) -> None:
+                 queue_running: bool = False, give_up: bool = False,
+                 dont_deliver: bool = False) -> None:
         self.settings = settings
         self.config = settings.config
         self.message_id = message_id
@@ -100,6 +101,8 @@ class MessageDelivery:
         self.queue_running = queue_running
         #: -Mg: fail every address left (bounced unless it is a bounce).
         self.give_up = give_up
+        #: -N: route, but bypass the transports.
+        self.dont_deliver = dont_deliver
         self.selector = getattr(settings.log, "selectors", frozenset())
         self._fd: int | None = None
         self._ctx: Any = None
@@ -452,10 +455,14 @@ class MessageDelivery:
                            addresses=[address], ctx=ctx, reactor=self.settings.reactor,
                            threadpool=self.settings.threadpool, clock=self.settings.clock,
                            log=self.settings.log, config=self.config)
-        try:
-            await driver.deliver(instance, job)
-        except Exception as e:  # a transport bug must not lose the message
-            address.defer(f"internal error in {instance.name} transport: {e}")
+        if self.dont_deliver or message.dont_deliver:
+            # -N: the transport is bypassed and the delivery logged "*>".
+            address.succeed()
+        else:
+            try:
+                await driver.deliver(instance, job)
+            except Exception as e:  # a transport bug must not lose the message
+                address.defer(f"internal error in {instance.name} transport: {e}")
         address.extra["delivery_time"] = self.settings.clock.seconds() - started
         if getattr(driver, "local", True) and \
                 await self._update_local_retry(address, retry_exists):
@@ -464,7 +471,9 @@ class MessageDelivery:
         if address.status == DELIVERED:
             await self._journal(address)
             self._succeeded.append(address)
-            self._log(delivery_line(address, logchar="=", sender=message.sender,
+            self._log(delivery_line(address, logchar="*" if self.dont_deliver
+                                    or message.dont_deliver else "=",
+                                    sender=message.sender,
                                     transport=driver,
                                     log_as_local=self._log_as_local(address),
                                     selector=self.selector,

@@ -114,7 +114,8 @@ class QueueRunner(service.Service):
             return 5
 
     async def queue_run(self, *, force: bool = False, thaw: bool = False,
-                        ids: Iterable[str] | None = None) -> list[DeliveryResult]:
+                        ids: Iterable[str] | None = None,
+                        dont_deliver: bool = False) -> list[DeliveryResult]:
         """One pass over the queue, in random order unless
         ``queue_run_in_order``; each message is delivered in turn."""
         spool = self.settings.spool
@@ -130,7 +131,8 @@ class QueueRunner(service.Service):
             if message_id in self.settings.active:
                 continue
             results.append(await MessageDelivery(self.settings, message_id, force=force,
-                                                 thaw=thaw, queue_running=True).run())
+                                                 thaw=thaw, queue_running=True,
+                                                 dont_deliver=dont_deliver).run())
         while self._new:
             await defer.DeferredList(list(self._new), consumeErrors=True)
         self._log(f"End queue run: pid={os.getpid()}{flags}")
