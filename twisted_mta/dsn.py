@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted_mta.queue.address import DeliveryAddress
+from twisted_mta.smtp.params import xtext_decode
 from twisted_mta.smtp.replies import printing
 from twisted_mta.spool.message import (
     DSN_LASTHOP,
@@ -272,26 +273,6 @@ def references_header(headers: list[SpoolHeader]) -> str:
                 kept.append(ident)
         out += "".join(f" {i}" for i in kept)
     return out + (f" {message_id}" if message_id is not None else "\n")
-
-
-def xtext_decode(text: str) -> str | None:
-    """RFC 3461 xtext decoded, or None when malformed."""
-    out: list[str] = []
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if not 33 <= ord(c) <= 127 or c == "=":
-            return None
-        if c == "+":
-            digits = text[i + 1:i + 3]
-            if len(digits) != 2 or any(d not in "0123456789abcdefABCDEF" for d in digits):
-                return None
-            out.append(chr(int(digits, 16)))
-            i += 3
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
 
 
 def _envelope_id(message: SpoolMessage) -> str:
