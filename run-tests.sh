@@ -5,7 +5,7 @@
 set -eu
 cd "$(dirname "$0")"
 
-PEERS="redis-server exim4-daemon-heavy swaks haproxy openssl"
+PEERS="redis-server exim4-daemon-heavy swaks haproxy openssl microsocks"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=""
     for p in $PEERS; do
