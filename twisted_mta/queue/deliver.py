@@ -233,6 +233,8 @@ class MessageDelivery:
         # Duplicates (an address reached through two recipients) are
         # delivered once, as Exim removes them after routing.
         delivering: set[str] = set()
+        #: Remote deliveries, batched by transport and host list.
+        remote: dict[tuple[Any, ...], list[DeliveryAddress]] = {}
         for address in addresses:
             for delivery in routed_deliveries.get(id(address), []):
                 local, at, domain = delivery.unique.rpartition("@")
@@ -240,7 +242,16 @@ class MessageDelivery:
                 if key in delivering:
                     continue
                 delivering.add(key)
-                await self._deliver_one(delivery, ctx, result)
+                batch_key = self._remote_batch_key(delivery)
+                if batch_key is None:
+                    await self._deliver_one(delivery, ctx, result)
+                else:
+                    remote.setdefault(batch_key, []).append(delivery)
+        for batch_key, batch in remote.items():
+            instance = self.config.transport(batch_key[0])
+            max_rcpt = max(1, _option_int_of(instance, "max_rcpt", 100))
+            for start in range(0, len(batch), max_rcpt):
+                await self._deliver_remote(batch[start:start + max_rcpt], ctx, result)
         return await self._finish(message, addresses, result)
 
     # -- retry times -------------------------------------------------------------------
@@ -491,6 +502,118 @@ class MessageDelivery:
             self._log(deferral_line(address, driver_kind="transport", selector=self.selector))
             self._deferred(address, result)
 
+    def _remote_driver(self, address: DeliveryAddress) -> Any:
+        """The driver of the address's transport when it is a remote one."""
+        if address.discarded is not None or not address.transport:
+            return None
+        instance = self.config.transport(address.transport)
+        if instance is None:
+            return None
+        drivers = self.settings.transports
+        driver = (drivers if drivers is not None else _transport_drivers()).get(
+            instance.driver or "")
+        if driver is None or getattr(driver, "local", True):
+            return None
+        return driver
+
+    def _remote_batch_key(self, address: DeliveryAddress) -> tuple[Any, ...] | None:
+        """What remote deliveries must share to go in one transaction (the
+        transport and the host list); None for a local delivery."""
+        if self._remote_driver(address) is None:
+            return None
+        hosts = tuple((h.name, h.address, h.port) for h in address.hosts)
+        fallback = address.extra.get("fallback_hosts")
+        fallback_key = tuple((h.name, h.address, h.port) for h in fallback) \
+            if isinstance(fallback, list) else fallback
+        return (address.transport, hosts, fallback_key, address.errors_to)
+
+    async def _deliver_remote(self, batch: list[DeliveryAddress], ctx: Any,
+                              result: DeliveryResult) -> None:
+        """One remote transport call for several addresses (Exim's
+        do_remote_deliveries): ``=>`` for the first address delivered and
+        ``->`` for the others; host retry items applied once."""
+        from twisted_mta.transports.base import TransportJob
+
+        message = self.message
+        first = batch[0]
+        instance = self.config.transport(first.transport or "")
+        driver = self._remote_driver(first)
+        self._set_address_variables(ctx, first)
+        started = self.settings.clock.seconds()
+        job = TransportJob(message=message,
+                           data_path=self.settings.spool.locate(self.message_id).data,
+                           addresses=batch, ctx=ctx, reactor=self.settings.reactor,
+                           threadpool=self.settings.threadpool, clock=self.settings.clock,
+                           log=self.settings.log, config=self.config,
+                           extra={"retry": self.settings.retry,
+                                  "force": self.force})
+        if self.dont_deliver or message.dont_deliver:
+            for address in batch:
+                address.succeed()
+        else:
+            try:
+                await driver.deliver(instance, job)
+            except Exception as e:  # a transport bug must not lose the message
+                for address in batch:
+                    if address.status == PENDING:
+                        address.defer(f"internal error in {instance.name} transport: {e}")
+        elapsed = self.settings.clock.seconds() - started
+        await self._update_remote_retry(batch, job)
+        logchar = "*" if self.dont_deliver or message.dont_deliver else "="
+        for address in batch:
+            address.extra["delivery_time"] = elapsed
+            if address.status == DELIVERED:
+                await self._journal(address)
+                self._succeeded.append(address)
+                self._log(delivery_line(address, logchar=logchar, sender=message.sender,
+                                        transport=driver, log_as_local=False,
+                                        selector=self.selector,
+                                        queue_time=self.settings.clock.seconds()
+                                        - message.received[0]))
+                if logchar == "=":
+                    logchar = "-"
+                result.delivered.append(address)
+            elif address.status == FAILED:
+                self._log(failure_line(address, sender=message.sender,
+                                       selector=self.selector))
+                self._failed(address, result)
+            else:
+                if address.status == PENDING:
+                    address.defer("transport gave no result")
+                self._log(deferral_line(address, driver_kind="transport",
+                                        selector=self.selector))
+                self._deferred(address, result)
+
+    async def _update_remote_retry(self, batch: list[DeliveryAddress], job: Any) -> None:
+        """Apply the transport's retry items: the hosts' once for the job,
+        the addresses' (a 4xx to RCPT) for each."""
+        retry = self.settings.retry
+        if retry is None:
+            return
+        message = self.message
+        common = dict(sender=message.sender, received_time=message.received[0],
+                      message_completing=False, ctx=self._ctx,
+                      hosts_skipped=bool(job.extra.get("hosts_skipped")))
+        host_items = job.extra.get("retry_items") or []
+        hosts_timed_out = False
+        if host_items:
+            hosts_timed_out = await retry.update_address(
+                host_items, domain=batch[0].domain.lower(), **common)
+        for address in batch:
+            items = address.extra.get("retry_items") or []
+            if address.status == DELIVERED:
+                items = [type(i)(i.key, delete=True) for i in items]
+            timed_out = False
+            if items:
+                timed_out = await retry.update_address(items, domain=address.domain.lower(),
+                                                       **common)
+            if address.status == DEFERRED and (timed_out or (hosts_timed_out and not items)):
+                # Every retry item of the address is past its cutoff.
+                address.fail(f"{address.message}: retry timeout exceeded" if address.message
+                             else "retry timeout exceeded", errno=address.basic_errno,
+                             more_errno=address.more_errno, host=address.host_used)
+                address.extra["retry_timedout"] = True
+
     def _log_as_local(self, address: DeliveryAddress) -> bool:
         router = self.config.router(address.router) if address.router else None
         return bool(router.get("log_as_local", True)) if router is not None else False
@@ -690,6 +813,13 @@ async def _blocking(settings: DeliverySettings, function: Any, *args: Any) -> An
         return function(*args)
     return await threads.deferToThreadPool(settings.reactor, settings.threadpool, function,
                                            *args)
+
+
+def _option_int_of(instance: Any, name: str, default: int) -> int:
+    try:
+        return int(instance.get(name) or default) if instance is not None else default
+    except (TypeError, ValueError):
+        return default
 
 
 def _option_int(config: Any, name: str, default: int) -> int:

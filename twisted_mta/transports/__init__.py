@@ -13,8 +13,10 @@ def drivers() -> dict[str, Any]:
     from twisted_mta.transports.appendfile import AppendfileTransport
     from twisted_mta.transports.lmtp import LmtpTransport
     from twisted_mta.transports.pipe import PipeTransport
+    from twisted_mta.transports.smtp import SmtpTransport
 
     found: dict[str, Any] = {}
-    for driver in (AppendfileTransport(), PipeTransport(), LmtpTransport()):
+    for driver in (AppendfileTransport(), PipeTransport(), LmtpTransport(),
+                   SmtpTransport()):
         found[driver.name] = driver
     return found

@@ -1,0 +1,484 @@
+"""The SMTP client side: what Exim's ``transports/smtp.c`` says on the wire.
+
+L{connect} opens a TCP connection (``connect_timeout``, ``interface``) and
+returns an L{SMTPClient}; its coroutines run the dialogue: L{SMTPClient.greeting},
+L{SMTPClient.hello} (EHLO, HELO when EHLO is refused), L{SMTPClient.transaction}
+(MAIL, RCPTs and DATA, pipelined when the server offers PIPELINING, with
+``SIZE=`` and ``BODY=8BITMIME`` where offered) and L{SMTPClient.quit}.
+Every reply is waited for on the injected clock (``command_timeout``,
+``data_timeout`` for each block of message data, ``final_timeout`` for the
+reply to the final dot).
+
+A failure that ends the dialogue raises L{SMTPClientError}, which carries
+Exim's message (``SMTP timeout after ...``, ``SMTP error from remote mail
+server after ...``, ``Remote host closed connection in response to ...``)
+and errno.  Per-recipient replies are returned, not raised.
+
+Hooks for later: STARTTLS, AUTH and PRDR are not implemented; they would go
+between L{SMTPClient.hello} and L{SMTPClient.transaction} (STARTTLS, AUTH)
+and into L{SMTPClient.transaction} (PRDR), using L{SMTPClient.extensions}.
+"""
+
+from __future__ import annotations
+
+import errno as E
+import os
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer as tdefer
+from twisted.internet import error as terror
+from twisted.internet.protocol import ClientFactory, Protocol
+
+ERRNO_SMTPCLOSED = -18
+ERRNO_SMTPFORMAT = -19
+#: The longest reply accepted (Exim's buffer is 4 KiB; kept generous).
+MAX_REPLY = 16 * 1024
+#: How much message data is written before waiting for the buffer to drain.
+_CHUNK = 64 * 1024
+
+
+@dataclass
+class Reply:
+    """An SMTP reply: the code and the lines as received (without CRLF)."""
+
+    code: int
+    lines: list[str]
+
+    @property
+    def text(self) -> str:
+        """The reply as Exim prints it in messages (lines joined with newline)."""
+        return "\n".join(self.lines)
+
+    @property
+    def digit(self) -> str:
+        return str(self.code)[0]
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 400
+
+
+class SMTPClientError(Exception):
+    """A failure that ends the dialogue.
+
+    @ivar message: Exim's text for it.
+    @ivar errno: ETIMEDOUT, ERRNO_SMTPCLOSED, ERRNO_SMTPFORMAT, 0 for an
+        error reply, or a socket errno.
+    @ivar reply: the error reply, when there was one.
+    @ivar send_quit: whether QUIT may still be sent.
+    """
+
+    def __init__(self, message: str, errno: int = 0, reply: Reply | None = None,
+                 send_quit: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errno = errno
+        self.reply = reply
+        self.send_quit = send_quit
+
+    @property
+    def permanent(self) -> bool:
+        return self.reply is not None and self.reply.digit == "5"
+
+
+class ClientProtocol(Protocol):
+    """Bytes in, lines out; the writing side with flow control."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.lines: deque[bytes] = deque()
+        self.closed = False
+        self.reason: Any = None
+        self._waiter: tdefer.Deferred[None] | None = None
+        self.connected_d: tdefer.Deferred[ClientProtocol] = tdefer.Deferred()
+        self._paused = False
+        self._drained: tdefer.Deferred[None] | None = None
+
+    # IProtocol
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+        if not self.connected_d.called:
+            self.connected_d.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\n")
+            if end < 0:
+                break
+            self.lines.append(self.buffer[:end + 1])
+            self.buffer = self.buffer[end + 1:]
+        if len(self.buffer) > MAX_REPLY:
+            self.lines.append(self.buffer)
+            self.buffer = b""
+        self._wake()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed = True
+        self.reason = reason
+        self._wake()
+        self.resumeProducing()
+
+    # IPushProducer: the transport tells us when its buffer is full.
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.called:
+            drained.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.called:
+            waiter.callback(None)
+
+    async def read_line(self, timeout: float, clock: Any) -> bytes | None:
+        """The next line, None once the connection is closed; raises
+        TimeoutError."""
+        while not self.lines:
+            if self.closed:
+                return None
+            self._waiter = tdefer.Deferred()
+            if not await _wait(self._waiter, timeout, clock):
+                raise TimeoutError
+        return self.lines.popleft()
+
+    async def drained(self, timeout: float, clock: Any) -> bool:
+        """Wait until the transport wants more data; False on timeout."""
+        if not self._paused or self.closed:
+            return True
+        self._drained = tdefer.Deferred()
+        return await _wait(self._drained, timeout, clock)
+
+
+async def _wait(d: tdefer.Deferred[Any], timeout: float, clock: Any) -> bool:
+    if timeout > 0:
+        d.addTimeout(timeout, clock)
+    try:
+        await d
+    except tdefer.TimeoutError:
+        return False
+    return True
+
+
+class _Factory(ClientFactory):
+    def __init__(self, protocol: ClientProtocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: Any) -> ClientProtocol:
+        return self.protocol_instance
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        d = self.protocol_instance.connected_d
+        if not d.called:
+            d.errback(reason)
+
+
+class ConnectError(Exception):
+    """The TCP connection could not be made: errno and Exim's message."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.message = message
+
+
+async def connect(reactor: Any, clock: Any, address: str, port: int, *,
+                  timeout: float, interface: str | None = None,
+                  settings: ClientSettings | None = None) -> SMTPClient:
+    """Connect to *address*:*port* within *timeout* seconds (on *clock*);
+    raises L{ConnectError} (``Connection refused``, ``Connection timed
+    out`` ...)."""
+    protocol = ClientProtocol()
+    factory = _Factory(protocol)
+    bind = (interface, 0) if interface else None
+    connector = reactor.connectTCP(address, port, factory, timeout=max(timeout, 1),
+                                   bindAddress=bind)
+    try:
+        if not await _wait(protocol.connected_d, timeout, clock):
+            if getattr(connector, "state", "") == "connecting":
+                connector.stopConnecting()
+            raise ConnectError(E.ETIMEDOUT, "Connection timed out")
+    except terror.ConnectionRefusedError:
+        raise ConnectError(E.ECONNREFUSED, "Connection refused") from None
+    except (terror.TCPTimedOutError, terror.TimeoutError):
+        raise ConnectError(E.ETIMEDOUT, "Connection timed out") from None
+    except terror.ConnectError as e:
+        number = getattr(e, "osError", None)
+        if not isinstance(number, int):
+            number = E.EHOSTUNREACH
+        raise ConnectError(number, os.strerror(number)) from None
+    return SMTPClient(protocol, protocol.transport, clock, settings or ClientSettings())
+
+
+@dataclass
+class ClientSettings:
+    """The transport's timeouts, in seconds."""
+
+    command_timeout: float = 300
+    data_timeout: float = 300
+    final_timeout: float = 600
+
+
+@dataclass
+class TransactionResult:
+    """What one mail transaction gave.
+
+    @ivar rcpt_replies: one reply per recipient, in order (None when the
+        transaction ended before its reply was read).
+    @ivar data_reply: the reply after the final dot (None if no data was
+        sent because no recipient was accepted).
+    @ivar error: an error that ended the transaction for every accepted
+        recipient (raised by MAIL, DATA, the data or the final reply).
+    """
+
+    rcpt_replies: list[Reply | None] = field(default_factory=list)
+    data_reply: Reply | None = None
+    error: SMTPClientError | None = None
+    bytes_written: int = 0
+
+
+class SMTPClient:
+    """One SMTP conversation over a connected L{ClientProtocol}."""
+
+    def __init__(self, protocol: ClientProtocol, transport: Any, clock: Any,
+                 settings: ClientSettings) -> None:
+        self.protocol = protocol
+        self.transport = transport
+        self.clock = clock
+        self.settings = settings
+        self.last = "initial connection"
+        self.pipelining_active = False
+        self.esmtp = False
+        #: EHLO keywords (upper case) and their parameters.
+        self.extensions: dict[str, str] = {}
+        self.greeting_reply: Reply | None = None
+        self.hello_reply: Reply | None = None
+        self.count = 0
+
+    # -- the primitives ---------------------------------------------------------------
+
+    def send(self, command: str) -> None:
+        if self.protocol.closed:
+            raise SMTPClientError(f"Remote host closed connection in response to "
+                                  f"{self._pl()}{self.last}", ERRNO_SMTPCLOSED)
+        self.transport.write(command.encode("utf-8", "surrogateescape") + b"\r\n")
+        self.last = command
+
+    def _pl(self) -> str:
+        return "pipelined " if self.pipelining_active else ""
+
+    async def read_reply(self, timeout: float | None = None,
+                         command: str | None = None) -> Reply:
+        """Read one (possibly multi-line) reply; raises L{SMTPClientError}
+        for a timeout, a closed connection or a malformed reply.  *command*
+        names what the reply answers, for messages."""
+        what = command if command is not None else self.last
+        lines: list[str] = []
+        total = 0
+        limit = self.settings.command_timeout if timeout is None else timeout
+        while True:
+            try:
+                raw = await self.protocol.read_line(limit, self.clock)
+            except TimeoutError:
+                message = f"SMTP timeout after {self._pl()}{what}"
+                if self.count > 0:
+                    message += f" ({self.count} bytes written)"
+                raise SMTPClientError(message, E.ETIMEDOUT) from None
+            if raw is None:
+                raise SMTPClientError(f"Remote host closed connection in response to "
+                                      f"{self._pl()}{what}", ERRNO_SMTPCLOSED)
+            total += len(raw)
+            text = raw.decode("latin-1").rstrip("\r\n").rstrip()
+            if total > MAX_REPLY or len(text) < 3 or not text[:3].isdigit() or \
+                    text[3:4] not in ("-", " ", "") or \
+                    (lines and text[:3] != lines[0][:3]):
+                shown = text.strip()
+                raise SMTPClientError(
+                    f"Malformed SMTP reply in response to {self._pl()}{what}: {shown}"
+                    if shown else "Malformed SMTP reply (an empty line) in response to "
+                    f"{self._pl()}{what}", ERRNO_SMTPFORMAT)
+            lines.append(text)
+            if text[3:4] != "-":
+                return Reply(int(text[:3]), lines)
+
+    def error_reply(self, reply: Reply, what: str | None = None) -> SMTPClientError:
+        what = self.last if what is None else what
+        return SMTPClientError(
+            f"SMTP error from remote mail server after {self._pl()}{what}: {reply.text}",
+            0, reply, send_quit=True)
+
+    # -- the dialogue -------------------------------------------------------------------
+
+    async def greeting(self) -> Reply:
+        """The banner; raises for anything but 2xx."""
+        reply = await self.read_reply(command="initial connection")
+        self.greeting_reply = reply
+        if reply.digit != "2":
+            raise self.error_reply(reply, "initial connection")
+        return reply
+
+    async def hello(self, name: str, esmtp: bool = True) -> Reply:
+        """EHLO, HELO when EHLO gets a 5xx (or when *esmtp* is false)."""
+        if esmtp:
+            self.send(f"EHLO {name}")
+            reply = await self.read_reply()
+            if reply.digit == "2":
+                self.esmtp = True
+                self.hello_reply = reply
+                self.extensions = _extensions(reply)
+                return reply
+            if reply.digit != "5":
+                raise self.error_reply(reply)
+        self.send(f"HELO {name}")
+        reply = await self.read_reply()
+        self.hello_reply = reply
+        if reply.digit != "2":
+            raise self.error_reply(reply)
+        self.extensions = {}
+        return reply
+
+    def offers(self, keyword: str) -> bool:
+        return keyword.upper() in self.extensions
+
+    async def transaction(self, sender: str, recipients: list[str],
+                          data: Any, *, size: int | None = None,
+                          eight_bit: bool = False) -> TransactionResult:
+        """MAIL, one RCPT each, DATA, the data (already dot-stuffed, CRLF,
+        ending with ``.``) and the final reply.  Replies to RCPT are
+        returned per recipient; a failure of MAIL, DATA or after it is in
+        ``error`` (and the connection may be unusable after it)."""
+        result = TransactionResult()
+        pipelining = self.offers("PIPELINING")
+        mail = f"MAIL FROM:<{sender}>"
+        if size is not None and self.offers("SIZE"):
+            mail += f" SIZE={size}"
+        if eight_bit and self.offers("8BITMIME"):
+            mail += " BODY=8BITMIME"
+        rcpts = [f"RCPT TO:<{r}>" for r in recipients]
+        try:
+            if pipelining:
+                self.pipelining_active = True
+                self.transport.write(
+                    "".join(f"{c}\r\n" for c in [mail, *rcpts, "DATA"]).encode(
+                        "utf-8", "surrogateescape"))
+                self.last = mail
+            else:
+                self.send(mail)
+            reply = await self.read_reply(command=mail)
+            if reply.digit != "2":
+                result.error = self.error_reply(reply, mail)
+                if pipelining:
+                    # Read the RCPT and DATA replies the server still sends.
+                    for command in [*rcpts, "DATA"]:
+                        await self.read_reply(command=command)
+                    self.pipelining_active = False
+                return result
+            accepted = 0
+            for command in rcpts:
+                if not pipelining:
+                    self.send(command)
+                reply = await self.read_reply(command=command)
+                result.rcpt_replies.append(reply)
+                if reply.digit == "2":
+                    accepted += 1
+            if not pipelining:
+                if accepted == 0:
+                    return result
+                self.send("DATA")
+            reply = await self.read_reply(command="DATA")
+            self.pipelining_active = False
+            if accepted == 0:
+                # Pipelined DATA with no recipient: a 354 needs an empty message.
+                if reply.digit == "3":
+                    self.transport.write(b".\r\n")
+                    await self.read_reply(command="end of data")
+                return result
+            if reply.digit != "3":
+                result.error = self.error_reply(reply, "DATA")
+                return result
+            self.last = "sending data block"
+            await self._send_data(data)
+            self.last = "end of data"
+            reply = await self.read_reply(self.settings.final_timeout)
+            result.data_reply = reply
+            if reply.digit != "2":
+                result.error = self.error_reply(reply)
+        except SMTPClientError as e:
+            result.error = e
+        finally:
+            self.pipelining_active = False
+            result.bytes_written = self.count
+            self.count = 0
+        return result
+
+    async def _send_data(self, data: Any) -> None:
+        """Write the data (bytes blocks, from an iterable or an async
+        iterable), waiting at most data_timeout whenever the transport's
+        buffer is full."""
+        pending = 0
+        if hasattr(data, "__aiter__"):
+            async for block in data:
+                pending = await self._write_block(block, pending)
+        else:
+            for block in data:
+                pending = await self._write_block(block, pending)
+
+    async def _write_block(self, block: bytes, pending: int) -> int:
+        if self.protocol.closed:
+            raise SMTPClientError("Remote host closed connection in response to "
+                                  "sending data block", ERRNO_SMTPCLOSED)
+        self.transport.write(block)
+        self.count += len(block)
+        pending += len(block)
+        if pending < _CHUNK:
+            return pending
+        if not await self.protocol.drained(self.settings.data_timeout, self.clock):
+            raise SMTPClientError(
+                f"SMTP timeout after sending data block ({self.count} bytes written)",
+                E.ETIMEDOUT)
+        return 0
+
+    async def quit(self) -> None:
+        """QUIT; the reply is waited for briefly, then the connection closed."""
+        try:
+            if not self.protocol.closed:
+                self.send("QUIT")
+                await self.read_reply(1)
+        except SMTPClientError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.transport.loseConnection()
+        except Exception:
+            pass
+
+
+def _extensions(reply: Reply) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for line in reply.lines[1:]:
+        words = line[4:].strip().split(None, 1)
+        if words:
+            found[words[0].upper()] = words[1] if len(words) > 1 else ""
+    return found
+
+
+def dot_stuffed(lines: Iterable[bytes]) -> Iterable[bytes]:
+    """Lines (each ending in a newline) as SMTP data: CRLF line ends, a
+    leading dot doubled, and the final ``.`` line."""
+    for line in lines:
+        body = line.rstrip(b"\r\n") if line.endswith(b"\n") else line
+        if body.startswith(b"."):
+            body = b"." + body
+        yield body + b"\r\n"
+    yield b".\r\n"

@@ -1,0 +1,466 @@
+"""The ``smtp`` transport: Exim's ``transports/smtp.c`` (remote delivery).
+
+One job is one message to a batch of addresses that share the transport
+and the host list (the delivery process batches them, up to ``max_rcpt``).
+The hosts are the addresses' (set by manualroute or dnslookup), or the
+transport's ``hosts`` when the router gave none or ``hosts_override`` is
+set; then the ``fallback_hosts`` (the router's, else the transport's).
+They are tried in order: a host whose retry time has not come is skipped
+(unless the delivery is forced); a connection failure, a 4xx greeting or
+a failure before MAIL moves on to the next host.  Once a transaction has
+been attempted, its per-recipient results stand (a 4xx on RCPT defers
+only that recipient, a 5xx fails only that one; an error after DATA
+applies to every accepted recipient).  Deferred recipients are not tried
+again at the next host in this version.
+
+Retry: each host failure is recorded as a host retry item
+(``T:name:ip[:port]``) and a host that worked has its record deleted
+(see L{twisted_mta.queue.retry.RetryDatabase}).  The database, the force
+flag and the message's times come through ``job.extra`` from the
+delivery process.
+
+Not yet: STARTTLS, AUTH, PRDR, DSN parameters, CHUNKING, SMTPUTF8, more
+than one message per connection, ``hosts_max_try``, ``serialize_hosts``,
+``hosts_avoid_*``/``hosts_require_*``, transport filters.
+"""
+
+from __future__ import annotations
+
+import errno as E
+import ipaddress
+import os
+import socket
+from typing import Any
+
+from zope.interface import implementer
+
+from twisted_mta.expand.errors import ExpansionError
+from twisted_mta.interfaces import ITransport
+from twisted_mta.queue.address import DEFERRED, PENDING, DeliveryAddress, Host
+from twisted_mta.queue.retry import ERRNO_HRETRY, RetryItem
+from twisted_mta.smtp.client import (
+    ClientSettings,
+    ConnectError,
+    SMTPClient,
+    SMTPClientError,
+    connect,
+)
+from twisted_mta.transports import common as C
+from twisted_mta.transports.appendfile import rcpt_address
+from twisted_mta.transports.common import Outcome, defer, expand
+from twisted_mta.transports.message import (
+    HeaderChangeError,
+    MessageStream,
+    WriteOptions,
+    build_headers,
+    next_chunk,
+    spool_message_size,
+)
+
+#: The address.extra keys the DSN code reads (twisted_mta/dsn.py).
+SMTP_GREETING, HELO_RESPONSE, PASS_MESSAGE = "smtp_greeting", "helo_response", "pass_message"
+
+
+def parse_port(text: str) -> int | None:
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return socket.getservbyname(text, "tcp")
+    except OSError:
+        return None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_list(text: str) -> list[tuple[str, int | None]]:
+    """A colon-separated host list of ``name`` and ``[ip]`` items, each
+    with an optional port after a doubled colon (``name::2525``)."""
+    return _split_bracketed(text)
+
+
+def _split_bracketed(text: str) -> list[tuple[str, int | None]]:
+    out: list[tuple[str, int | None]] = []
+    for raw in text.replace("::", "\x00").split(":"):
+        raw = raw.strip().replace("\x00", ":")
+        if not raw:
+            continue
+        port = None
+        if raw.startswith("["):
+            end = raw.find("]")
+            name, rest = raw[1:end], raw[end + 1:]
+            if rest.startswith(":") and rest[1:].isdigit():
+                port = int(rest[1:])
+        else:
+            name, _, p = raw.partition(":")
+            if p.isdigit():
+                port = int(p)
+        out.append((name, port))
+    return out
+
+
+@implementer(ITransport)
+class SmtpTransport:
+    """``driver = smtp``."""
+
+    name = "smtp"
+    local = False
+
+    async def deliver(self, instance: Any, job: Any) -> None:
+        outcome = await C.guard_delivery(instance, self._deliver(instance, job))
+        if isinstance(outcome, Outcome):
+            _apply(outcome, job.addresses)
+        for address in job.addresses:
+            if address.status == PENDING:
+                address.defer("smtp transport gave no result")
+
+    # -- setting up ---------------------------------------------------------------------
+
+    async def _hosts(self, instance: Any, job: Any) -> tuple[list[Host], list[Host]] | Outcome:
+        """The hosts, and the fallback hosts, each with its addresses."""
+        first = job.addresses[0]
+        option = instance.get("hosts")
+        hosts = list(first.hosts)
+        if option and (not hosts or instance.get("hosts_override")):
+            try:
+                text = await expand(job, str(option))
+            except ExpansionError as e:
+                return defer(f"failed to expand list of hosts \"{option}\" in "
+                             f"{instance.name} transport: {e.message}", C.ERRNO_EXPANDFAIL)
+            hosts = await self._resolve(job, _host_list(text))
+        if not hosts:
+            return defer(f"No hosts specified for {instance.name} transport",
+                         C.ERRNO_UNKNOWNERROR)
+        fallback = first.extra.get("fallback_hosts") or instance.get("fallback_hosts")
+        fallback_hosts: list[Host] = []
+        if fallback:
+            items = [(h.name, h.port) for h in fallback] if isinstance(fallback, list) \
+                else _host_list(str(fallback))
+            fallback_hosts = await self._resolve(job, items)
+        resolved: list[Host] = []
+        for host in hosts:
+            if host.address is None:
+                resolved += await self._resolve(job, [(host.name, host.port)])
+            else:
+                resolved.append(host)
+        return resolved, fallback_hosts
+
+    async def _resolve(self, job: Any, items: list[tuple[str, int | None]]) -> list[Host]:
+        hosts: list[Host] = []
+        for name, port in items:
+            if _is_ip(name):
+                hosts.append(Host(name, name, port))
+                continue
+            try:
+                infos = await C.run_blocking(job, socket.getaddrinfo, name, None, 0,
+                                             socket.SOCK_STREAM)
+            except OSError:
+                hosts.append(Host(name, None, port))
+                continue
+            seen: list[str] = []
+            for info in infos:
+                ip = str(info[4][0])
+                if ip not in seen:
+                    seen.append(ip)
+                    hosts.append(Host(name, ip, port))
+        return hosts
+
+    async def _deliver(self, instance: Any, job: Any) -> Outcome | None:
+        name = instance.name
+        setup = await C.start_delivery(instance, job)
+        if isinstance(setup, Outcome):
+            return setup
+        hosts = await self._hosts(instance, job)
+        if isinstance(hosts, Outcome):
+            return hosts
+        try:
+            port_text = await expand(job, str(instance.get("port") or "smtp"))
+            helo = await expand(job, str(instance.get("helo_data") or "$primary_hostname"))
+            interface = instance.get("interface")
+            interface = await expand(job, str(interface)) if interface else None
+        except ExpansionError as e:
+            return defer(f"failed to expand an option of the {name} transport: {e.message}",
+                         C.ERRNO_EXPANDFAIL)
+        default_port = parse_port(port_text)
+        if default_port is None:
+            return defer(f'Invalid port "{port_text}" for {name} transport',
+                         C.ERRNO_UNKNOWNERROR)
+        options = WriteOptions.from_instance(instance, use_crlf=True, end_dot=True,
+                                             check_string=".", escape_string="..")
+        try:
+            headers = await build_headers(job, instance, options, setup.return_path)
+        except HeaderChangeError as e:
+            if e.routing is not None:
+                return defer(e.routing)
+            return defer(f"failed to expand headers_add or headers_remove: {e.message}",
+                         C.ERRNO_CHHEADER_FAIL)
+        size, eight_bit = await C.run_blocking(job, _size_and_8bit, job)
+        # size_addition: what the size may grow by on the way (-1: no SIZE).
+        addition = int(instance.get("size_addition") or 0)
+        size_param = size + addition if addition >= 0 else None
+        settings = ClientSettings(float(instance.get("command_timeout")),
+                                  float(instance.get("data_timeout")),
+                                  float(instance.get("final_timeout")))
+        main, fallback = hosts
+        attempt = _Attempt(self, instance, job, setup.return_path, headers, options,
+                           size_param, eight_bit, helo, interface, settings)
+        _apply(await attempt.run(main, default_port, job.addresses), job.addresses)
+        deferred = [a for a in job.addresses if a.status == DEFERRED]
+        if fallback and deferred:
+            # Exim's fallback pass: the addresses the hosts deferred, once more
+            # at the fallback hosts; only the final result is logged.
+            for address in deferred:
+                address.status, address.host_used = PENDING, None
+            _apply(await attempt.run(fallback, default_port, deferred), deferred)
+        return None
+
+
+def _size_and_8bit(job: Any) -> tuple[int, bool]:
+    size = spool_message_size(job.message, job.data_path)
+    with open(job.data_path, "rb") as f:
+        f.readline()
+        while True:
+            block = f.read(65536)
+            if not block:
+                return size, False
+            if not block.isascii():
+                return size, True
+
+
+class _Attempt:
+    """One job's walk through its host list."""
+
+    def __init__(self, driver: SmtpTransport, instance: Any, job: Any, return_path: str,
+                 headers: str | None, options: WriteOptions, size: int | None,
+                 eight_bit: bool,
+                 helo: str, interface: str | None, settings: ClientSettings) -> None:
+        self.instance, self.job = instance, job
+        self.return_path = return_path
+        self.headers, self.options = headers, options
+        self.size, self.eight_bit = size, eight_bit
+        self.helo, self.interface = helo, interface
+        self.settings = settings
+        extra = job.extra
+        self.retry = extra.get("retry")
+        self.force = bool(extra.get("force"))
+        self.message = job.message
+        self.hosts_skipped = False
+        self.addresses: list[DeliveryAddress] = list(job.addresses)
+        #: Host retry items, for the delivery process to apply.
+        self.retry_items: list[RetryItem] = job.extra.setdefault("retry_items", [])
+
+    def _retry_port_string(self, port: int) -> str:
+        text = "" if port == 25 else f":{port}"
+        if self.interface:
+            text += f"/{self.interface}"
+        return text
+
+    async def run(self, hosts: list[Host], default_port: int,
+                  addresses: list[DeliveryAddress]) -> Outcome | None:
+        """Try *hosts* in order for *addresses*: None when a transaction
+        gave each address its result, else the outcome for them all."""
+        job = self.job
+        self.addresses = addresses
+        last: Outcome | None = None
+        for host in hosts:
+            port = host.port or default_port
+            if host.address is None:
+                last = defer(f"host lookup for {host.name} did not complete",
+                             C.ERRNO_UNKNOWNERROR)
+                continue
+            shown = Host(host.name, host.address, port if port != 25 else host.port,
+                         host.mx, host.dnssec)
+            include_ip = bool(self.instance.get("retry_include_ip_address", True))
+            key_string = self._retry_port_string(port)
+            if self.retry is not None:
+                status = await self.retry.check_host(
+                    addresses[0].domain.lower(), host.name, host.address,
+                    port_string=key_string, include_ip=include_ip,
+                    message_id=job.message_id, received_time=self.message.received[0],
+                    sender=self.message.sender, force=self.force, ctx=job.ctx)
+                if not status.usable:
+                    self.hosts_skipped = True
+                    job.extra["hosts_skipped"] = True
+                    if last is None:
+                        last = defer("retry time not reached for any host for "
+                                     f"'{addresses[0].domain.lower()}'", ERRNO_HRETRY)
+                    continue
+            key = (f"T:{host.name.lower()}:{host.address}{key_string}" if include_ip
+                   else f"T:{host.name.lower()}{key_string}")
+            done, outcome = await self._try_host(shown, port)
+            if done:
+                self.retry_items.append(RetryItem(key, host=True, delete=True))
+                return None
+            if outcome is not None:
+                self._log_host_error(host, port, outcome)
+                self.retry_items.append(RetryItem(key, basic_errno=outcome.errno,
+                                                  more_errno=outcome.more_errno,
+                                                  message=outcome.message, host=True))
+            last = outcome
+        if last is None:
+            last = defer("all hosts have been failing", C.ERRNO_UNKNOWNERROR)
+        return last
+
+    def _log_host_error(self, host: Host, port: int, outcome: Outcome) -> None:
+        """Exim's write_logs(): a line for each host that deferred,
+        ``H=name [ip] Connection refused`` or ``H=name [ip]: message``."""
+        log = self.job.log
+        if log is None:
+            return
+        text = f"H={host.name} [{host.address}]"
+        if "outgoing_port" in getattr(log, "selectors", frozenset()):
+            text += f":{port}"
+        if outcome.message:
+            text += f": {outcome.message}"
+            if outcome.errno > 0:
+                text += f": {os.strerror(outcome.errno)}"
+        else:
+            text += f" {os.strerror(outcome.errno)}" if outcome.errno > 0 else ""
+        log.write(text, ("main",), self.job.message_id)
+
+    async def _try_host(self, host: Host, port: int) -> tuple[bool, Outcome | None]:
+        """(True, None) when a transaction took place (the addresses have
+        their results); (False, outcome) to go on to the next host."""
+        job = self.job
+        try:
+            client = await connect(job.reactor, job.clock, str(host.address), port,
+                                   timeout=float(self.instance.get("connect_timeout")),
+                                   interface=self.interface, settings=self.settings)
+        except ConnectError as e:
+            return False, Outcome(C.DEFER, None, e.errno, _more_errno(host),
+                                  extra={"last_host": host})
+        try:
+            return await self._dialogue(client, host)
+        finally:
+            client.close()
+
+    async def _dialogue(self, client: SMTPClient, host: Host) -> tuple[bool, Outcome | None]:
+        job = self.job
+        addresses = self.addresses
+        try:
+            greeting = await client.greeting()
+            for address in addresses:
+                address.extra[SMTP_GREETING] = greeting.text
+            hello = await client.hello(self.helo)
+            for address in addresses:
+                address.extra[HELO_RESPONSE] = hello.text
+        except SMTPClientError as e:
+            if client.greeting_reply is not None:
+                for address in addresses:
+                    address.extra[SMTP_GREETING] = client.greeting_reply.text
+            if e.send_quit:
+                await client.quit()
+            return False, self._error_outcome(e, host)
+        # Hooks: STARTTLS and AUTH would go here, using client.extensions.
+        include = bool(self.instance.get("rcpt_include_affixes"))
+        recipients = [rcpt_address(a, include) for a in addresses]
+        stream = MessageStream(self.headers, job.data_path, self.options,
+                               wireformat=bool(job.message.wireformat))
+        result = await client.transaction(self.return_path, recipients,
+                                          _chunks(job, stream), size=self.size,
+                                          eight_bit=self.eight_bit)
+        accepted: list[DeliveryAddress] = []
+        for address, recipient, reply in zip(addresses, recipients,
+                                             result.rcpt_replies + [None] * len(addresses),
+                                             strict=False):
+            if reply is None:
+                continue
+            if reply.digit == "2":
+                accepted.append(address)
+                continue
+            message = (f"SMTP error from remote mail server after RCPT TO:<{recipient}>: "
+                       f"{reply.text}")
+            address.extra[PASS_MESSAGE] = True
+            if reply.digit == "5":
+                address.fail(message, host=host)
+            else:
+                address.defer(message, errno=C.ERRNO_RCPT4XX,
+                              more_errno=_more_errno(host, reply.code), host=host)
+                key = f"R:{address.address}"
+                if self.instance.get("address_retry_include_sender", True):
+                    key += f":<{self.message.sender}>"
+                address.extra.setdefault("retry_items", []).append(
+                    RetryItem(key, basic_errno=C.ERRNO_RCPT4XX,
+                              more_errno=address.more_errno, message=message))
+        error = result.error
+        if error is not None:
+            pending = [a for a in addresses if a.status == PENDING]
+            if not result.rcpt_replies:
+                # MAIL failed or the dialogue broke before any RCPT reply.
+                if error.send_quit:
+                    await client.quit()
+                outcome = self._error_outcome(error, host, C.ERRNO_MAIL4XX)
+                if outcome.status == C.FAIL:
+                    for address in pending:
+                        address.extra[PASS_MESSAGE] = True
+                        address.fail(outcome.message or "", host=host)
+                    return True, None
+                return False, outcome
+            outcome = self._error_outcome(error, host, C.ERRNO_DATA4XX)
+            for address in pending:
+                if error.reply is not None:
+                    address.extra[PASS_MESSAGE] = True
+                if outcome.status == C.FAIL:
+                    address.fail(outcome.message or "", host=host)
+                else:
+                    address.defer(outcome.message or "", errno=outcome.errno,
+                                  more_errno=outcome.more_errno, host=host)
+            if error.send_quit:
+                await client.quit()
+            return True, None
+        if result.data_reply is not None:
+            confirmation = result.data_reply.text.replace("\n", " ")
+            for address in accepted:
+                address.succeed(confirmation, host=host)
+        await client.quit()
+        return True, None
+
+    def _error_outcome(self, error: SMTPClientError, host: Host,
+                       errno_4xx: int = 0) -> Outcome:
+        more = _more_errno(host)
+        number = error.errno
+        if error.reply is not None:
+            if error.reply.digit == "5":
+                return Outcome(C.FAIL, error.message, 0, more, extra={"last_host": host})
+            number = errno_4xx
+            more = _more_errno(host, error.reply.code)
+        elif number == E.ETIMEDOUT:
+            number = E.ETIMEDOUT
+        return Outcome(C.DEFER, error.message, number, more, extra={"last_host": host})
+
+
+def _apply(outcome: Outcome | None, addresses: list[DeliveryAddress]) -> None:
+    """Put a whole-job outcome on the addresses still without a result."""
+    if outcome is None:
+        return
+    pending = [a for a in addresses if a.status == PENDING]
+    outcome.apply(pending)
+    last = outcome.extra.get("last_host")
+    for address in pending:
+        address.extra.pop("last_host", None)
+        if isinstance(last, Host) and outcome.message:
+            address.host_used = last
+
+
+def _more_errno(host: Host, code: int | None = None) -> int:
+    value = ord("M") if host.mx >= 0 else ord("A")
+    if code is not None:
+        value |= (code % 100) << 8
+    return value
+
+
+async def _chunks(job: Any, stream: MessageStream) -> Any:
+    it = iter(stream)
+    while True:
+        chunk = await next_chunk(job, it)
+        if chunk is None:
+            return
+        yield chunk
+
+
