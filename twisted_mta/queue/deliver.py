@@ -247,12 +247,31 @@ class MessageDelivery:
                     await self._deliver_one(delivery, ctx, result)
                 else:
                     remote.setdefault(batch_key, []).append(delivery)
+        jobs = []
         for batch_key, batch in remote.items():
             instance = self.config.transport(batch_key[0])
             max_rcpt = max(1, _option_int_of(instance, "max_rcpt", 100))
-            for start in range(0, len(batch), max_rcpt):
-                await self._deliver_remote(batch[start:start + max_rcpt], ctx, result)
+            jobs += [batch[start:start + max_rcpt] for start in range(0, len(batch), max_rcpt)]
+        await self._run_remote_jobs(jobs, ctx, result)
         return await self._finish(message, addresses, result)
+
+    async def _run_remote_jobs(self, jobs: list[list[DeliveryAddress]], ctx: Any,
+                               result: DeliveryResult) -> None:
+        """Remote transactions, up to ``remote_max_parallel`` (2) at once
+        as Exim's parallel delivery processes; each has its own expansion
+        context."""
+        parallel = max(1, _option_int(self.config, "remote_max_parallel", 2))
+        if parallel == 1 or len(jobs) <= 1:
+            for batch in jobs:
+                await self._deliver_remote(batch, ctx, result)
+            return
+        from twisted.internet import defer
+
+        limit = defer.DeferredSemaphore(parallel)
+        await defer.gatherResults([
+            limit.run(lambda batch=batch: defer.Deferred.fromCoroutine(
+                self._deliver_remote(batch, self._context(self.message), result)))
+            for batch in jobs], consumeErrors=True)
 
     # -- retry times -------------------------------------------------------------------
 
