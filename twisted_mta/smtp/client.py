@@ -36,6 +36,21 @@ ERRNO_SMTPCLOSED = -18
 ERRNO_SMTPFORMAT = -19
 #: The longest reply accepted (Exim's buffer is 4 KiB; kept generous).
 MAX_REPLY = 16 * 1024
+
+
+def split_reply_lines(buffer: bytes, lines: deque[bytes]) -> bytes:
+    """Move the complete lines of *buffer* onto *lines* (a line longer than
+    MAX_REPLY is cut there); return what is left of the last one."""
+    while True:
+        end = buffer.find(b"\n")
+        if end < 0:
+            break
+        lines.append(buffer[:end + 1])
+        buffer = buffer[end + 1:]
+    if len(buffer) > MAX_REPLY:
+        lines.append(buffer)
+        buffer = b""
+    return buffer
 #: How much message data is written before waiting for the buffer to drain.
 _CHUNK = 64 * 1024
 
@@ -104,16 +119,7 @@ class ClientProtocol(Protocol):
             self.connected_d.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        while True:
-            end = self.buffer.find(b"\n")
-            if end < 0:
-                break
-            self.lines.append(self.buffer[:end + 1])
-            self.buffer = self.buffer[end + 1:]
-        if len(self.buffer) > MAX_REPLY:
-            self.lines.append(self.buffer)
-            self.buffer = b""
+        self.buffer = split_reply_lines(self.buffer + data, self.lines)
         self._wake()
 
     def connectionLost(self, reason: Any = None) -> None:

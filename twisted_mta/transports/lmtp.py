@@ -37,6 +37,7 @@ from zope.interface import implementer
 from twisted_mta.expand.errors import ExpansionError
 from twisted_mta.interfaces import ITransport
 from twisted_mta.log import log_quote
+from twisted_mta.smtp.client import MAX_REPLY, split_reply_lines
 from twisted_mta.transports import common as C
 from twisted_mta.transports.appendfile import rcpt_address
 from twisted_mta.transports.common import Outcome, defer, expand, panic
@@ -57,7 +58,6 @@ from twisted_mta.transports.process import (
 )
 
 _IGNOREQUOTA = re.compile(r"\n250[\s\-]IGNOREQUOTA(\s|\n|$)")
-_MAX_RESPONSE = 16 * 1024
 
 
 class _Closed(Exception):
@@ -74,16 +74,7 @@ class _Lines:
         self._waiter: tdefer.Deferred[None] | None = None
 
     def data(self, data: bytes) -> None:
-        self.buffer += data
-        while True:
-            end = self.buffer.find(b"\n")
-            if end < 0:
-                break
-            self.lines.append(self.buffer[:end + 1])
-            self.buffer = self.buffer[end + 1:]
-        if len(self.buffer) > _MAX_RESPONSE:
-            self.lines.append(self.buffer)
-            self.buffer = b""
+        self.buffer = split_reply_lines(self.buffer + data, self.lines)
         self._wake()
 
     def lost(self) -> None:
@@ -184,7 +175,7 @@ class _Session:
             total += len(raw)
             text = raw.decode("latin-1").rstrip(" \t\n\r\v\f")
             lines.append(text)
-            if total > _MAX_RESPONSE or len(text) < 3 or not text[:3].isdigit() or \
+            if total > MAX_REPLY or len(text) < 3 or not text[:3].isdigit() or \
                     text[3:4] not in ("-", " ", ""):
                 return False, "\n".join(lines), C.ERRNO_SMTPFORMAT
             if text[3:4] != "-":
