@@ -543,15 +543,12 @@ class ManualrouteTests(DeliveryPeerCase):
         self.assertEqual([line.split(" lp=")[1] for line in lines],
                          [f"u1 id={first}", f"u2 id={second}"])
 
-    @unittest.expectedFailure
     def test_host_variables_in_the_local_transport(self) -> None:
         # Exim sets $host to the host list (the first "host": here the
         # whole route item), $host_address to nothing and $host_port to -1
         # for a local transport after manualroute:
         #   host=192.0.2.7:192.0.2.8 address= port=-1 lp=u1 ...
         #   host=smarthost.test::2525 address= port=-1 lp=u2 ...
-        # exim-py's pipe gets $host empty and $host_port 0:
-        #   host= address= port=0 lp=u1 ...
         daemon, first, second = self.send_both()
         lines = self.read(os.path.join(daemon.directory, "out", "hosts")).splitlines()
         self.assertEqual(lines, [

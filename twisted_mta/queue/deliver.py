@@ -810,6 +810,15 @@ class MessageDelivery:
         top = address.top
         variables["original_local_part"] = taint(local_part_of(top))
         variables["original_domain"] = taint(top.domain)
+        # A local transport after manualroute sees the route's host list as
+        # one host with no address (Exim: $host_port is then -1).
+        if address.hosts:
+            variables["host"] = address.hosts[0].name
+            variables["host_address"] = address.hosts[0].address or ""
+            variables["host_port"] = str(address.hosts[0].port or -1)
+        else:
+            for name in ("host", "host_address", "host_port"):
+                variables.pop(name, None)
         for name, value in (("address_data", address.address_data),
                             ("home", address.home_directory)):
             if value is None:
