@@ -29,10 +29,12 @@ from typing import Any
 
 from twisted.internet import threads
 
-from twisted_mta.dsn import IGNORE_ERROR, ignore_error
+from twisted_mta import events
+from twisted_mta.dsn import IGNORE_ERROR, NOTIFY_ANY, ignore_error
 from twisted_mta.queue.address import DEFERRED, DELIVERED, FAILED, PENDING, DeliveryAddress
 from twisted_mta.queue.deliverylog import deferral_line, delivery_line, failure_line
 from twisted_mta.routers.engine import ACCEPT, DELIVER, FAIL, RoutingContext, route_address
+from twisted_mta.spool.message import NOTIFY_FAILURE
 from twisted_mta.spool.store import lock_data_file
 from twisted_mta.spool.tree import tree_contains, tree_insert
 
@@ -206,18 +208,20 @@ class MessageDelivery:
                     d for d in routed.deliveries
                     if not tree_contains(message.non_recipients, d.unique)]
                 for problem in routed.problems:
-                    self._routing_problem(problem, result)
+                    await self._routing_problem(problem, result)
             elif routed.kind == FAIL:
                 address.router = routed.router
                 address.fail(routed.message or "Unrouteable address")
                 if routed.pass_message:
                     address.extra["pass_message"] = True
+                await self._fail_event(address, ctx)
                 self._log(failure_line(address, sender=message.sender,
                                        selector=self.selector))
                 self._failed(address, result)
             elif address.extra.get("retry_timed_out"):
                 address.router = routed.router
                 address.fail(f"{routed.message or 'routing deferred'}: retry timeout exceeded")
+                await self._fail_event(address, ctx)
                 self._log(failure_line(address, sender=message.sender,
                                        selector=self.selector))
                 self._failed(address, result)
@@ -354,9 +358,11 @@ class MessageDelivery:
                                           received_time=message.received[0],
                                           message_completing=False, ctx=self._ctx)
 
-    def _routing_problem(self, address: DeliveryAddress, result: DeliveryResult) -> None:
+    async def _routing_problem(self, address: DeliveryAddress,
+                               result: DeliveryResult) -> None:
         if address.status == FAILED:
             address.fail(address.message or "Unrouteable address")
+            await self._fail_event(address, self._ctx)
             self._log(failure_line(address, sender=self.message.sender,
                                    selector=self.selector))
             self._failed(address, result)
@@ -509,8 +515,10 @@ class MessageDelivery:
                                     selector=self.selector,
                                     queue_time=self.settings.clock.seconds()
                                     - message.received[0]))
+            await self._event("msg:delivery", address, ctx)
             result.delivered.append(address)
         elif address.status == FAILED:
+            await self._fail_event(address, ctx)
             self._log(failure_line(address, sender=message.sender, selector=self.selector))
             self._failed(address, result)
         else:
@@ -577,6 +585,8 @@ class MessageDelivery:
                     if address.status == PENDING:
                         address.defer(f"internal error in {instance.name} transport: {e}")
         elapsed = self.settings.clock.seconds() - started
+        # Exim's smtp transport raises it itself, before the == lines.
+        await self._remote_defer_event(batch, job, ctx)
         await self._update_remote_retry(batch, job)
         logchar = "*" if self.dont_deliver or message.dont_deliver else "="
         for address in batch:
@@ -591,8 +601,10 @@ class MessageDelivery:
                                         - message.received[0]))
                 if logchar == "=":
                     logchar = "-"
+                await self._event("msg:delivery", address, ctx)
                 result.delivered.append(address)
             elif address.status == FAILED:
+                await self._fail_event(address, ctx)
                 self._log(failure_line(address, sender=message.sender,
                                        selector=self.selector))
                 self._failed(address, result)
@@ -633,6 +645,36 @@ class MessageDelivery:
                              more_errno=address.more_errno, host=address.host_used)
                 address.extra["retry_timedout"] = True
 
+    # -- events -------------------------------------------------------------------------
+
+    async def _event(self, name: str, address: DeliveryAddress, ctx: Any) -> None:
+        await events.msg_event(ctx or self._ctx, self.config, name, address,
+                               log=self.settings.log, message_id=self.message_id)
+
+    async def _fail_event(self, address: DeliveryAddress, ctx: Any) -> None:
+        """msg:fail:delivery (msg:fail:internal without a transport) as
+        Exim's failure_log() raises it: now, unless the error is ignored or
+        the recipient asked for DSNs without FAILURE, when it waits for the
+        bounce processing (and is raised only if no bounce is sent)."""
+        if ignore_error(address) or address.dsn_flags & (NOTIFY_ANY & ~NOTIFY_FAILURE):
+            address.extra["fail_event_later"] = True
+            return
+        await self._event("msg:fail:delivery", address, ctx)
+
+    async def _remote_defer_event(self, batch: list[DeliveryAddress], job: Any,
+                                  ctx: Any) -> None:
+        """``msg:defer`` after a remote transaction whose every address was
+        deferred by a host, unless the transport raised its own defer events
+        (``job.extra["defer_events"]``, see doc/events.md)."""
+        if job.extra.get("defer_events") or self.dont_deliver:
+            return
+        first = batch[0]
+        if first.host_used is None or any(a.status != DEFERRED for a in batch):
+            return
+        await events.deferred_event(ctx or self._ctx, self.config, "msg:defer", first,
+                                    first.host_used, log=self.settings.log,
+                                    message_id=self.message_id)
+
     def _log_as_local(self, address: DeliveryAddress) -> bool:
         router = self.config.router(address.router) if address.router else None
         return bool(router.get("log_as_local", True)) if router is not None else False
@@ -659,6 +701,13 @@ class MessageDelivery:
 
     async def _finish(self, message: Any, addresses: list[DeliveryAddress],
                       result: DeliveryResult) -> DeliveryResult:
+        for address in result.failed:
+            # Failures Exim raises msg:fail:delivery for when it does not
+            # bounce them (error ignored, or NOTIFY without FAILURE).
+            if address.extra.pop("fail_event_later", False) and (
+                    ignore_error(address) or address.dsn_flags & NOTIFY_ANY
+                    and not address.dsn_flags & NOTIFY_FAILURE):
+                await self._event("msg:fail:delivery", address, self._ctx)
         dsn = self._dsn_sender()
         if dsn is not None and self._succeeded:
             result.new_messages.extend(
@@ -683,6 +732,8 @@ class MessageDelivery:
             await self._io(self.settings.spool.remove, self.message_id)
             self._log("Completed" + (f" QT={_queue_time(self, message)}"
                                      if "queue_time_overall" in self.selector else ""))
+            await events.complete_event(self._ctx, self.config, log=self.settings.log,
+                                        message_id=self.message_id)
             result.outcome = COMPLETED
             return result
         if result.deferred and dsn is not None:
