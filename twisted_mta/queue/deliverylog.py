@@ -78,6 +78,10 @@ def delivery_line(addr: DeliveryAddress, *, logchar: str, sender: str,
         text += _host_text(addr, selector)
         if addr.extra.get("tls_cipher") and "tls_cipher" in selector:
             text += f" X={addr.extra['tls_cipher']}"
+        if addr.extra.get("tls_cipher") and "tls_certificate_verified" in selector:
+            text += f" CV={'yes' if addr.extra.get('tls_cv') else 'no'}"
+        if addr.extra.get("tls_peerdn") and "tls_peerdn" in selector:
+            text += f' DN="{addr.extra["tls_peerdn"]}"'
         if "PRDR" in addr.extra.get("flags", ()):
             text += " PRDR"
     if "smtp_confirmation" in selector and addr.confirmation and \

@@ -14,8 +14,12 @@ Exim's message (``SMTP timeout after ...``, ``SMTP error from remote mail
 server after ...``, ``Remote host closed connection in response to ...``)
 and errno.  Per-recipient replies are returned, not raised.
 
-Hooks for later: STARTTLS, AUTH and PRDR are not implemented; they would go
-between L{SMTPClient.hello} and L{SMTPClient.transaction} (STARTTLS, AUTH)
+L{SMTPClient.starttls} sends STARTTLS and, after a 2xx, runs the TLS
+handshake on the connection (an C{IOpenSSLClientConnectionCreator}, see
+L{twisted_mta.smtp.tlsclient}); the caller then sends EHLO again.
+
+Hooks for later: AUTH and PRDR are not implemented; they would go
+between L{SMTPClient.hello} and L{SMTPClient.transaction} (AUTH)
 and into L{SMTPClient.transaction} (PRDR), using L{SMTPClient.extensions}.
 """
 
@@ -97,6 +101,16 @@ class SMTPClientError(Exception):
     @property
     def permanent(self) -> bool:
         return self.reply is not None and self.reply.digit == "5"
+
+
+class TLSHandshakeError(Exception):
+    """The TLS handshake after STARTTLS failed: *text* is Exim's reason
+    (``(SSL_connect): timed out``, ``synch error before connect``) when known, else *reason* is the connection's loss."""
+
+    def __init__(self, text: str | None, reason: Any = None) -> None:
+        super().__init__(text)
+        self.text = text
+        self.reason = reason
 
 
 class ClientProtocol(Protocol):
@@ -349,6 +363,38 @@ class SMTPClient:
         self.hello_reply = reply
         if reply.digit != "2":
             raise self.error_reply(reply)
+        self.extensions = {}
+        return reply
+
+    async def starttls(self, creator: Any, handshake_done: tdefer.Deferred[None]) -> Reply:
+        """STARTTLS; on a 2xx reply start TLS with *creator* and wait (up to
+        command_timeout) for *handshake_done*.  Returns the STARTTLS reply
+        (a non-2xx one is left to the caller).  Raises L{SMTPClientError}
+        for a timeout or a closed connection while waiting for the reply,
+        and L{TLSHandshakeError} when the handshake fails."""
+        self.send("STARTTLS")
+        reply = await self.read_reply()
+        if reply.digit != "2":
+            return reply
+        if self.protocol.lines or self.protocol.buffer:
+            # Data sent before the handshake: RFC 3207 forbids it.
+            raise TLSHandshakeError("synch error before connect")
+        self.transport.startTLS(creator)
+        protocol = self.protocol
+        while not handshake_done.called:
+            if protocol.closed:
+                raise TLSHandshakeError(None, protocol.reason)
+            waiter: tdefer.Deferred[None] = tdefer.Deferred()
+            protocol._waiter = waiter
+
+            def wake(_: Any, w: tdefer.Deferred[None] = waiter) -> None:
+                if not w.called:
+                    w.callback(None)
+            handshake_done.addCallback(lambda value, wake=wake: (wake(None), value)[1])
+            if not await _wait(waiter, self.settings.command_timeout, self.clock):
+                raise TLSHandshakeError("(SSL_connect): timed out")
+        if protocol.closed:
+            raise TLSHandshakeError(None, protocol.reason)
         self.extensions = {}
         return reply
 

@@ -19,9 +19,16 @@ Retry: each host failure is recorded as a host retry item
 flag and the message's times come through ``job.extra`` from the
 delivery process.
 
-Not yet: STARTTLS, AUTH, PRDR, DSN parameters, CHUNKING, SMTPUTF8, more
+STARTTLS (client side, OpenSSL via pyOpenSSL; see doc/smtp-transport.md,
+"TLS"): opportunistic when offered, ``hosts_avoid_tls``,
+``hosts_require_tls``, ``tls_tempfail_tryclear`` (a failed handshake is
+retried in clear on a new connection, as Exim does), ``tls_verify_hosts``,
+``tls_try_verify_hosts``, ``tls_verify_cert_hostnames``, ``tls_sni``,
+client certificates, ``tls_require_ciphers``, ``tls_crl``.
+
+Not yet: AUTH, PRDR, DSN parameters, CHUNKING, SMTPUTF8, more
 than one message per connection, ``hosts_max_try``, ``serialize_hosts``,
-``hosts_avoid_*``/``hosts_require_*``, transport filters.
+``hosts_avoid_esmtp``/``hosts_require_auth`` ..., OCSP, transport filters.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from zope.interface import implementer
 
 from twisted_mta.expand.errors import ExpansionError
 from twisted_mta.interfaces import ITransport
+from twisted_mta.lists import HostIdentity, ListDefer, match_list
 from twisted_mta.queue.address import DEFERRED, PENDING, DeliveryAddress, Host
 from twisted_mta.queue.retry import ERRNO_HRETRY, RetryItem
 from twisted_mta.smtp.client import (
@@ -43,7 +51,15 @@ from twisted_mta.smtp.client import (
     ConnectError,
     SMTPClient,
     SMTPClientError,
+    TLSHandshakeError,
     connect,
+)
+from twisted_mta.smtp.tlsclient import (
+    ClientTLS,
+    ClientTLSOptions,
+    TLSConfigError,
+    handshake_error_text,
+    tls_out_variables,
 )
 from twisted_mta.transports import common as C
 from twisted_mta.transports.appendfile import rcpt_address
@@ -59,6 +75,11 @@ from twisted_mta.transports.message import (
 
 #: The address.extra keys the DSN code reads (twisted_mta/dsn.py).
 SMTP_GREETING, HELO_RESPONSE, PASS_MESSAGE = "smtp_greeting", "helo_response", "pass_message"
+#: Exim's errno values for TLS (macros.h).
+ERRNO_TLSFAILURE = -37
+ERRNO_TLSREQUIRED = -38
+#: The address.extra keys for the => line (twisted_mta/queue/deliverylog.py).
+TLS_EXTRA_KEYS = ("tls_cipher", "tls_cv", "tls_peerdn")
 
 
 def parse_port(text: str) -> int | None:
@@ -294,11 +315,27 @@ class _Attempt:
             key = (f"T:{host.name.lower()}:{host.address}{key_string}" if include_ip
                    else f"T:{host.name.lower()}{key_string}")
             done, outcome = await self._try_host(shown, port)
+            if not done and outcome is not None and outcome.errno == ERRNO_TLSFAILURE \
+                    and self.instance.get("tls_tempfail_tryclear", True) \
+                    and not await self._host_in("hosts_require_tls", shown):
+                # Exim closes the connection (its state is unknown) and tries
+                # the same host in clear on a new one.
+                if self.job.log is not None:
+                    self.job.log.write(
+                        f"{outcome.message}: delivering unencrypted to H={host.name} "
+                        f"[{host.address}] (not in hosts_require_tls)", ("main",),
+                        job.message_id)
+                for address in addresses:
+                    for k in TLS_EXTRA_KEYS:
+                        address.extra.pop(k, None)
+                done, outcome = await self._try_host(shown, port, suppress_tls=True)
             if done:
                 self.retry_items.append(RetryItem(key, host=True, delete=True))
                 return None
             if outcome is not None:
-                self._log_host_error(host, port, outcome)
+                if outcome.errno != ERRNO_TLSFAILURE:
+                    # Exim's write_logs() is skipped for TLS failures.
+                    self._log_host_error(host, port, outcome)
                 self.retry_items.append(RetryItem(key, basic_errno=outcome.errno,
                                                   more_errno=outcome.more_errno,
                                                   message=outcome.message, host=True))
@@ -324,7 +361,106 @@ class _Attempt:
             text += f" {os.strerror(outcome.errno)}" if outcome.errno > 0 else ""
         log.write(text, ("main",), self.job.message_id)
 
-    async def _try_host(self, host: Host, port: int) -> tuple[bool, Outcome | None]:
+    async def _host_in(self, option: str, host: Host) -> bool:
+        """Whether *host* is in the transport's host-list *option*
+        (Exim's verify_check_given_host; unset: no)."""
+        text = self.instance.get(option)
+        if text is None:
+            return False
+        try:
+            expanded = await expand(self.job, str(text))
+            found = await match_list(str(host.address), expanded, "host", self.job.ctx,
+                                     host=HostIdentity(str(host.address), host.name))
+        except (ListDefer, ExpansionError):
+            return False
+        return found is not None
+
+    async def _tls_options(self, host: Host) -> ClientTLSOptions | Outcome:
+        job, get = self.job, self.instance.get
+        values: dict[str, str | None] = {}
+        for option in ("tls_verify_certificates", "tls_sni", "tls_certificate",
+                       "tls_privatekey", "tls_require_ciphers", "tls_crl"):
+            raw = get(option)
+            try:
+                values[option] = await expand(job, str(raw)) if raw is not None else None
+            except ExpansionError as e:
+                return Outcome(C.DEFER, f"TLS session: failed to expand {option}: "
+                               f"{e.message}", ERRNO_TLSFAILURE, _more_errno(host),
+                               extra={"last_host": host})
+        if await self._host_in("tls_verify_hosts", host):
+            verify = "require"
+        elif await self._host_in("tls_try_verify_hosts", host):
+            verify = "try"
+        else:
+            verify = "none"
+        check = host.name if verify != "none" and \
+            await self._host_in("tls_verify_cert_hostnames", host) else None
+        return ClientTLSOptions(
+            verify_certificates=values["tls_verify_certificates"] or "system",
+            verify=verify, check_hostnames=check, sni=values["tls_sni"] or None,
+            certificate=values["tls_certificate"] or None,
+            privatekey=values["tls_privatekey"] or None,
+            require_ciphers=values["tls_require_ciphers"] or None,
+            crl=values["tls_crl"] or None)
+
+    async def _starttls(self, client: SMTPClient, host: Host,
+                        suppress_tls: bool) -> Outcome | None:
+        """STARTTLS when offered and wanted, then EHLO again; None to go on
+        with the transaction (encrypted or in clear), else the host's
+        outcome.  Raises SMTPClientError for a broken dialogue."""
+        job = self.job
+        require = await self._host_in("hosts_require_tls", host)
+        offered = client.offers("STARTTLS")
+        if offered and not suppress_tls and not await self._host_in("hosts_avoid_tls", host):
+            options = await self._tls_options(host)
+            if isinstance(options, Outcome):
+                return options
+            try:
+                creator = ClientTLS(options)
+            except TLSConfigError as e:
+                creator, problem = None, str(e)
+            if creator is None:
+                # Exim reads its files in tls_client_start(), after STARTTLS.
+                return Outcome(C.DEFER, f"TLS session: {problem}", ERRNO_TLSFAILURE,
+                               _more_errno(host), extra={"last_host": host})
+            try:
+                reply = await client.starttls(creator, creator.session.handshake_done)
+            except TLSHandshakeError as e:
+                self._log_verify_errors(host, creator.session.verify_errors)
+                text = e.text or handshake_error_text(e.reason)
+                return Outcome(C.DEFER, f"TLS session: {text}", ERRNO_TLSFAILURE,
+                               _more_errno(host), extra={"last_host": host})
+            if reply.digit == "2":
+                self._log_verify_errors(host, creator.session.verify_errors)
+                variables = tls_out_variables(creator.session)
+                job.ctx.variables.update(variables)
+                for address in self.addresses:
+                    address.extra["tls_cipher"] = variables["tls_out_cipher"]
+                    address.extra["tls_cv"] = variables["tls_out_certificate_verified"] == "1"
+                    address.extra["tls_peerdn"] = variables["tls_out_peerdn"]
+                hello = await client.hello(self.helo)
+                for address in self.addresses:
+                    address.extra[HELO_RESPONSE] = hello.text
+                return None
+            if reply.digit == "4" and not self.instance.get("tls_tempfail_tryclear", True):
+                raise client.error_reply(reply, "STARTTLS")
+        if require:
+            what = "an attempt to start TLS failed" if offered \
+                else "the server did not offer TLS support"
+            await client.quit()
+            return Outcome(C.DEFER, f"a TLS session is required, but {what}",
+                           ERRNO_TLSREQUIRED, _more_errno(host), extra={"last_host": host})
+        return None
+
+    def _log_verify_errors(self, host: Host, errors: list[str]) -> None:
+        log = self.job.log
+        if log is None:
+            return
+        for text in errors:
+            log.write(f"[{host.address}] {text}", ("main",), self.job.message_id)
+
+    async def _try_host(self, host: Host, port: int,
+                        suppress_tls: bool = False) -> tuple[bool, Outcome | None]:
         """(True, None) when a transaction took place (the addresses have
         their results); (False, outcome) to go on to the next host."""
         job = self.job
@@ -336,11 +472,12 @@ class _Attempt:
             return False, Outcome(C.DEFER, None, e.errno, _more_errno(host),
                                   extra={"last_host": host})
         try:
-            return await self._dialogue(client, host)
+            return await self._dialogue(client, host, suppress_tls)
         finally:
             client.close()
 
-    async def _dialogue(self, client: SMTPClient, host: Host) -> tuple[bool, Outcome | None]:
+    async def _dialogue(self, client: SMTPClient, host: Host,
+                        suppress_tls: bool = False) -> tuple[bool, Outcome | None]:
         job = self.job
         addresses = self.addresses
         try:
@@ -350,6 +487,9 @@ class _Attempt:
             hello = await client.hello(self.helo)
             for address in addresses:
                 address.extra[HELO_RESPONSE] = hello.text
+            tls_outcome = await self._starttls(client, host, suppress_tls)
+            if tls_outcome is not None:
+                return False, tls_outcome
         except SMTPClientError as e:
             if client.greeting_reply is not None:
                 for address in addresses:
@@ -357,7 +497,7 @@ class _Attempt:
             if e.send_quit:
                 await client.quit()
             return False, self._error_outcome(e, host)
-        # Hooks: STARTTLS and AUTH would go here, using client.extensions.
+        # Hook: AUTH would go here, using client.extensions.
         include = bool(self.instance.get("rcpt_include_affixes"))
         recipients = [rcpt_address(a, include) for a in addresses]
         stream = MessageStream(self.headers, job.data_path, self.options,

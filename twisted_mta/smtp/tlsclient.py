@@ -1,0 +1,248 @@
+"""The client side of TLS for the smtp transport (STARTTLS), set up the way
+Exim 4.96's ``tls-openssl.c`` sets up a client session.
+
+``ClientTLS`` is a Twisted ``IOpenSSLClientConnectionCreator``: hand it to
+``transport.startTLS``.  It builds an OpenSSL client context from
+already-expanded option values (``ClientTLSOptions``): trust anchors
+(``tls_verify_certificates``), an optional client certificate
+(``tls_certificate``/``tls_privatekey``), ``tls_require_ciphers``, the SNI
+name (``tls_sni``).  Its verify callback follows Exim's:
+
+* ``verify="require"`` (the host is in ``tls_verify_hosts``): a chain that
+  does not verify, or (with ``check_hostnames``) a leaf whose names do not
+  match, ends the handshake;
+* ``verify="try"`` (``tls_try_verify_hosts``): the failure is logged and
+  overridden; ``$tls_out_certificate_verified`` is then 0;
+* ``verify="none"``: nothing is checked.
+
+Each failure is recorded as Exim logs it (``SSL verify error: depth=0
+error=... cert=...``, ``SSL verify error: certificate name mismatch:
+DN="..." H="..."``), for the caller to write with ``[ip]`` in front.
+
+Host names are checked with service_identity (subjectAltName DNS names, a
+single leading wildcard label; the subject CN only when there is no SAN,
+which is what OpenSSL's X509_check_host does too).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from OpenSSL import SSL, crypto
+from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
+from twisted.internet import defer as tdefer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from zope.interface import implementer
+
+from twisted_mta.smtp.tls import (
+    _CONTEXT_OPTIONS,
+    TLSConfigError,
+    _oneline,
+    _openssl_reason,
+    _readable,
+    _verify_error_text,
+    cipher_standard_name,
+)
+
+__all__ = ["ClientTLS", "ClientTLSOptions", "ClientTLSSession", "TLSConfigError",
+           "handshake_error_text", "names_match", "tls_out_variables"]
+
+
+@dataclass(frozen=True)
+class ClientTLSOptions:
+    """The transport's TLS options for one host, every value expanded.
+
+    ``verify`` is ``require`` (host in tls_verify_hosts), ``try`` (in
+    tls_try_verify_hosts) or ``none``; ``check_hostnames`` is the name the
+    leaf must carry (host in tls_verify_cert_hostnames), else None."""
+
+    verify_certificates: str | None = "system"
+    verify: str = "try"
+    check_hostnames: str | None = None
+    sni: str | None = None
+    certificate: str | None = None
+    privatekey: str | None = None
+    require_ciphers: str | None = None
+    crl: str | None = None
+
+
+@dataclass(eq=False)
+class ClientTLSSession:
+    """What happened during one client handshake."""
+
+    options: ClientTLSOptions
+    verify_failed: bool = False
+    verify_errors: list[str] = field(default_factory=list)
+    handshake_done: tdefer.Deferred[None] = field(default_factory=tdefer.Deferred)
+    connection: SSL.Connection | None = None
+    contexts: list[SSL.Context] = field(default_factory=list, repr=False)
+
+
+def _load_context(options: ClientTLSOptions) -> SSL.Context:
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_options(_CONTEXT_OPTIONS)
+    if options.certificate:
+        _readable(options.certificate, "SSL_CTX_use_certificate_chain_file")
+        try:
+            context.use_certificate_chain_file(options.certificate)
+        except SSL.Error as exc:
+            raise TLSConfigError(f"(SSL_CTX_use_certificate_chain_file file="
+                                 f"{options.certificate}): {_openssl_reason(exc)}") from None
+        key = options.privatekey or options.certificate
+        _readable(key, "SSL_CTX_use_PrivateKey_file")
+        try:
+            context.use_privatekey_file(key)
+            context.check_privatekey()
+        except SSL.Error as exc:
+            raise TLSConfigError(f"(SSL_CTX_use_PrivateKey_file file={key}): "
+                                 f"{_openssl_reason(exc)}") from None
+    if options.require_ciphers:
+        try:
+            context.set_cipher_list(options.require_ciphers.encode())
+        except SSL.Error as exc:
+            raise TLSConfigError(f"(SSL_CTX_set_cipher_list): {_openssl_reason(exc)}") from None
+    if options.verify != "none":
+        cas = options.verify_certificates or "system"
+        context.set_default_verify_paths()
+        if cas != "system" and not cas.startswith("system,"):
+            if not os.path.exists(cas):
+                raise TLSConfigError(f"failed to stat {cas} for certificates")
+            try:
+                if os.path.isdir(cas):
+                    context.load_verify_locations(None, cas)
+                elif os.path.getsize(cas) > 0:
+                    context.load_verify_locations(cas)
+            except SSL.Error as exc:
+                raise TLSConfigError(f"(SSL_CTX_load_verify_locations file={cas}): "
+                                     f"{_openssl_reason(exc)}") from None
+        if options.crl:
+            store = context.get_cert_store()
+            try:
+                store.load_locations(options.crl)
+            except crypto.Error as exc:
+                raise TLSConfigError(f"(X509_STORE_load_locations file={options.crl}): "
+                                     f"{_openssl_reason(exc)}") from None
+            store.set_flags(crypto.X509StoreFlags.CRL_CHECK
+                            | crypto.X509StoreFlags.CRL_CHECK_ALL)
+    return context
+
+
+def names_match(certificate: Any, hostname: str) -> bool:
+    """Whether *certificate* (cryptography) is for *hostname* (SAN, one
+    leading wildcard label; CN only without a SAN)."""
+    import ipaddress
+    try:
+        try:
+            address = ipaddress.ip_address(hostname)
+        except ValueError:
+            verify_certificate_hostname(certificate, hostname)
+        else:
+            # An IP-literal host: an iPAddress SAN must carry it.
+            verify_certificate_ip_address(certificate, str(address))
+        return True
+    except (VerificationError, ValueError):
+        return False
+    except CertificateError:
+        # No subjectAltName: X509_check_host falls back to the subject CN.
+        from cryptography.x509.oid import NameOID
+        cns = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return any(str(cn.value).lower() == hostname.lower() for cn in cns)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ClientTLS:
+    """A connection creator for one STARTTLS handshake.
+
+    Build it (``TLSConfigError`` for an unusable file) before sending
+    STARTTLS; ``session`` tells how the handshake went."""
+
+    def __init__(self, options: ClientTLSOptions) -> None:
+        self.options = options
+        self.context = _load_context(options)
+        self.session = ClientTLSSession(options)
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        options, session = self.options, self.session
+        context = self.context
+        if options.verify == "none":
+            context.set_verify(SSL.VERIFY_NONE)
+        else:
+            context.set_verify(SSL.VERIFY_PEER, self._verify)
+        connection = SSL.Connection(context, None)
+        connection.set_app_data(tlsProtocol)
+        if options.sni:
+            connection.set_tlsext_host_name(options.sni.encode("idna"))
+        connection.set_info_callback(self._info)
+        session.connection = connection
+        session.contexts.append(context)
+        return connection
+
+    def _info(self, connection: SSL.Connection, where: int, ret: int) -> None:
+        if where & SSL.SSL_CB_HANDSHAKE_DONE:
+            done = self.session.handshake_done
+            if not done.called:
+                done.callback(None)
+
+    def _verify(self, connection: SSL.Connection, cert: crypto.X509, errnum: int,
+                depth: int, ok: int) -> bool:
+        session, options = self.session, self.options
+        subject = cert.to_cryptography().subject
+        if not ok:
+            session.verify_failed = True
+            session.verify_errors.append(
+                f"SSL verify error: depth={depth} error={_verify_error_text(errnum)} "
+                f"cert={_oneline(subject)}")
+            return options.verify == "try"
+        if depth == 0 and options.check_hostnames:
+            if not names_match(cert.to_cryptography(), options.check_hostnames):
+                session.verify_failed = True
+                session.verify_errors.append(
+                    f'SSL verify error: certificate name mismatch: DN="{_oneline(subject)}" '
+                    f'H="{options.check_hostnames}"')
+                return options.verify == "try"
+        return True
+
+
+def handshake_error_text(reason: Any) -> str:
+    """Exim's tls_errstr for a failed SSL_connect: ``(SSL_connect): error:
+    ...`` from the OpenSSL error in *reason* (a Failure or exception)."""
+    exc = getattr(reason, "value", reason)
+    if isinstance(exc, SSL.Error):
+        entries = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+        for entry in entries:
+            if len(entry) == 3 and entry[2]:
+                return f"(SSL_connect): error:{entry[0]}::{entry[2]}"
+        return f"(SSL_connect): {exc}"
+    if exc is None:
+        return "(SSL_connect): connection closed"
+    return f"(SSL_connect): {exc}"
+
+
+def tls_out_variables(session: ClientTLSSession) -> dict[str, str]:
+    """``$tls_out_*`` for a client session whose handshake finished."""
+    connection = session.connection
+    assert connection is not None
+    version = (connection.get_protocol_version_name() or "").replace("v", "", 1)
+    name = connection.get_cipher_name() or ""
+    bits = connection.get_cipher_bits() or 0
+    peer = connection.get_peer_certificate(as_cryptography=True)
+    verified = (peer is not None and not session.verify_failed
+                and session.options.verify != "none")
+    raw_sni = session.options.sni or ""
+    return {
+        "tls_out_bits": str(bits),
+        "tls_out_certificate_verified": "1" if verified else "0",
+        "tls_out_cipher": f"{version}:{name}:{bits}" if name else "",
+        "tls_out_cipher_std": cipher_standard_name(name) if name else "",
+        "tls_out_peerdn": _oneline(peer.subject) if peer is not None else "",
+        "tls_out_sni": raw_sni,
+        "tls_out_ver": version if name else "",
+        "tls_out_resumption": "0",
+        "tls_out_ocsp": "0",
+    }
