@@ -50,6 +50,11 @@ def _host_text(addr: DeliveryAddress, selector: frozenset[str]) -> str:
     text += f" [{host.address}]"
     if "outgoing_port" in selector and host.port:
         text += f":{host.port}"
+    proxy = addr.extra.get("proxy")
+    if proxy and "proxy" in selector:  # the SOCKS proxy used (Exim's d_hostlog)
+        text += f" PRX=[{proxy[0]}]"
+        if "outgoing_port" in selector:
+            text += f":{proxy[1]}"
     return text
 
 

@@ -18,9 +18,14 @@ L{SMTPClient.starttls} sends STARTTLS and, after a 2xx, runs the TLS
 handshake on the connection (an C{IOpenSSLClientConnectionCreator}, see
 L{twisted_mta.smtp.tlsclient}); the caller then sends EHLO again.
 
-Hooks for later: AUTH and PRDR are not implemented; they would go
-between L{SMTPClient.hello} and L{SMTPClient.transaction} (AUTH)
-and into L{SMTPClient.transaction} (PRDR), using L{SMTPClient.extensions}.
+L{SMTPClient.transaction} also asks for PRDR (``MAIL ... PRDR``, then the
+353, the per-recipient replies and the overall reply after the final dot)
+and appends the DSN parameters the caller builds (RET/ENVID on MAIL,
+NOTIFY/ORCPT on RCPT).
+
+Hook for later: AUTH is not implemented; it would go between
+L{SMTPClient.hello} and L{SMTPClient.transaction}, using
+L{SMTPClient.extensions}.
 """
 
 from __future__ import annotations
@@ -239,6 +244,33 @@ async def connect(reactor: Any, clock: Any, address: str, port: int, *,
     return SMTPClient(protocol, protocol.transport, clock, settings or ClientSettings())
 
 
+async def connect_socks(reactor: Any, clock: Any, proxies: Any, address: str, port: int, *,
+                        timeout: float, interface: str | None = None,
+                        settings: ClientSettings | None = None, log: Any = None,
+                        tcp_connect_event: Any = None) -> tuple[SMTPClient, Any]:
+    """Like L{connect}, through the SOCKS5 *proxies* (see
+    L{twisted_mta.smtp.socks.SOCKS5ClientEndpoint}); returns the client and
+    the L{twisted_mta.smtp.socks.SOCKSSession}.  Raises L{ConnectError}
+    with the errno Exim sets."""
+    from twisted_mta.smtp.socks import SOCKS5ClientEndpoint, SOCKSError
+
+    protocol = ClientProtocol()
+    endpoint = SOCKS5ClientEndpoint(reactor, proxies, address, port, clock,
+                                    timeout=timeout, bind_address=interface, log=log,
+                                    tcp_connect_event=tcp_connect_event)
+    try:
+        _, session = await endpoint.connect_session(_Factory(protocol))
+    except SOCKSError as e:
+        raise ConnectError(e.errno, e.strerror) from None
+    except terror.ConnectError as e:
+        number = getattr(e, "osError", None)
+        if not isinstance(number, int):
+            number = E.EHOSTUNREACH
+        raise ConnectError(number, os.strerror(number)) from None
+    return SMTPClient(protocol, protocol.transport, clock,
+                      settings or ClientSettings()), session
+
+
 @dataclass
 class ClientSettings:
     """The transport's timeouts, in seconds."""
@@ -264,6 +296,13 @@ class TransactionResult:
     data_reply: Reply | None = None
     error: SMTPClientError | None = None
     bytes_written: int = 0
+    #: PRDR: whether MAIL asked for it, whether the server answered the
+    #: final dot with 3xx (``prdr``), and then the per-recipient replies,
+    #: aligned with ``rcpt_replies`` (None for a recipient not accepted, or
+    #: one whose reply was not read); ``data_reply`` is the overall reply.
+    prdr_requested: bool = False
+    prdr: bool = False
+    prdr_replies: list[Reply | None] = field(default_factory=list)
 
 
 class SMTPClient:
@@ -403,11 +442,19 @@ class SMTPClient:
 
     async def transaction(self, sender: str, recipients: list[str],
                           data: Any, *, size: int | None = None,
-                          eight_bit: bool = False) -> TransactionResult:
+                          eight_bit: bool = False, prdr: bool = False,
+                          mail_params: str = "",
+                          rcpt_params: list[str] | None = None) -> TransactionResult:
         """MAIL, one RCPT each, DATA, the data (already dot-stuffed, CRLF,
         ending with ``.``) and the final reply.  Replies to RCPT are
         returned per recipient; a failure of MAIL, DATA or after it is in
-        ``error`` (and the connection may be unusable after it)."""
+        ``error`` (and the connection may be unusable after it).
+
+        *prdr*: ask for PRDR (``MAIL ... PRDR``) when the server offers it
+        and there are two or more recipients (Exim's ``hosts_try_prdr``
+        has been checked by the caller).  *mail_params* (`` RET=...
+        ENVID=...``) is appended to MAIL after PRDR, and ``rcpt_params[i]``
+        (`` NOTIFY=... ORCPT=...``) to the i-th RCPT."""
         result = TransactionResult()
         pipelining = self.offers("PIPELINING")
         mail = f"MAIL FROM:<{sender}>"
@@ -415,7 +462,12 @@ class SMTPClient:
             mail += f" SIZE={size}"
         if eight_bit and self.offers("8BITMIME"):
             mail += " BODY=8BITMIME"
-        rcpts = [f"RCPT TO:<{r}>" for r in recipients]
+        if prdr and self.offers("PRDR") and len(recipients) >= 2:
+            mail += " PRDR"
+            result.prdr_requested = True
+        mail += mail_params
+        params = rcpt_params or [""] * len(recipients)
+        rcpts = [f"RCPT TO:<{r}>{p}" for r, p in zip(recipients, params, strict=False)]
         try:
             if pipelining:
                 self.pipelining_active = True
@@ -461,6 +513,17 @@ class SMTPClient:
             await self._send_data(data)
             self.last = "end of data"
             reply = await self.read_reply(self.settings.final_timeout)
+            if result.prdr_requested and reply.digit == "3":
+                # 353: one reply per accepted recipient, in RCPT order, then
+                # the overall reply (a 2xx instead of the 3xx: no PRDR).
+                result.prdr = True
+                for rcpt_reply in result.rcpt_replies:
+                    if rcpt_reply is not None and rcpt_reply.digit == "2":
+                        result.prdr_replies.append(
+                            await self.read_reply(self.settings.final_timeout))
+                    else:
+                        result.prdr_replies.append(None)
+                reply = await self.read_reply(self.settings.final_timeout)
             result.data_reply = reply
             if reply.digit != "2":
                 result.error = self.error_reply(reply)

@@ -26,7 +26,14 @@ retried in clear on a new connection, as Exim does), ``tls_verify_hosts``,
 ``tls_try_verify_hosts``, ``tls_verify_cert_hostnames``, ``tls_sni``,
 client certificates, ``tls_require_ciphers``, ``tls_crl``.
 
-Not yet: AUTH, PRDR, DSN parameters, CHUNKING, SMTPUTF8, more
+PRDR (``hosts_try_prdr``) and DSN pass-through (RET/ENVID/NOTIFY/ORCPT,
+``dsn_lasthop``, ``extra["dsn_aware"]``): see doc/smtp-transport.md,
+"PRDR and DSN".  ``socks_proxy`` connects through SOCKS5 proxies
+(doc/socks.md), and the connection events (``tcp:connect``,
+``smtp:connect``, ``tls:cert``, ``tcp:close``, ``msg:host:defer``,
+``msg:defer``) are raised here (doc/events.md).
+
+Not yet: AUTH, CHUNKING, SMTPUTF8, more
 than one message per connection, ``hosts_max_try``, ``serialize_hosts``,
 ``hosts_avoid_esmtp``/``hosts_require_auth`` ..., OCSP, transport filters.
 """
@@ -41,6 +48,8 @@ from typing import Any
 
 from zope.interface import implementer
 
+from twisted_mta.dsn import dsn_data
+from twisted_mta.events import ERRNO_EVENT, deferred_event, transport_action, transport_event
 from twisted_mta.expand.errors import ExpansionError
 from twisted_mta.interfaces import ITransport
 from twisted_mta.lists import HostIdentity, ListDefer, match_list
@@ -53,13 +62,24 @@ from twisted_mta.smtp.client import (
     SMTPClientError,
     TLSHandshakeError,
     connect,
+    connect_socks,
 )
+from twisted_mta.smtp.socks import SOCKSConfigError, parse_socks_proxy
 from twisted_mta.smtp.tlsclient import (
     ClientTLS,
     ClientTLSOptions,
     TLSConfigError,
     handshake_error_text,
     tls_out_variables,
+)
+from twisted_mta.spool.message import (
+    DSN_LASTHOP,
+    DSN_RET_FULL,
+    DSN_RET_HDRS,
+    NOTIFY_DELAY,
+    NOTIFY_FAILURE,
+    NOTIFY_NEVER,
+    NOTIFY_SUCCESS,
 )
 from twisted_mta.transports import common as C
 from twisted_mta.transports.appendfile import rcpt_address
@@ -75,6 +95,12 @@ from twisted_mta.transports.message import (
 
 #: The address.extra keys the DSN code reads (twisted_mta/dsn.py).
 SMTP_GREETING, HELO_RESPONSE, PASS_MESSAGE = "smtp_greeting", "helo_response", "pass_message"
+#: Whether the next hop offered DSN (True/False; read by twisted_mta/dsn.py).
+DSN_AWARE = "dsn_aware"
+#: Internal, during one transaction: a recipient's PRDR reply.
+_PRDR_RESULT = "_prdr_result"
+_NOTIFY_NAMES = ((NOTIFY_NEVER, "NEVER"), (NOTIFY_SUCCESS, "SUCCESS"),
+                 (NOTIFY_FAILURE, "FAILURE"), (NOTIFY_DELAY, "DELAY"))
 #: Exim's errno values for TLS (macros.h).
 ERRNO_TLSFAILURE = -37
 ERRNO_TLSREQUIRED = -38
@@ -231,14 +257,17 @@ class SmtpTransport:
         main, fallback = hosts
         attempt = _Attempt(self, instance, job, setup.return_path, headers, options,
                            size_param, eight_bit, helo, interface, settings)
-        _apply(await attempt.run(main, default_port, job.addresses), job.addresses)
+        outcome = await attempt.run(main, default_port, job.addresses)
+        _apply(outcome, job.addresses)
         deferred = [a for a in job.addresses if a.status == DEFERRED]
         if fallback and deferred:
             # Exim's fallback pass: the addresses the hosts deferred, once more
             # at the fallback hosts; only the final result is logged.
             for address in deferred:
                 address.status, address.host_used = PENDING, None
-            _apply(await attempt.run(fallback, default_port, deferred), deferred)
+            outcome = await attempt.run(fallback, default_port, deferred)
+            _apply(outcome, deferred)
+        await attempt.defer_event(outcome)
         return None
 
 
@@ -339,10 +368,43 @@ class _Attempt:
                 self.retry_items.append(RetryItem(key, basic_errno=outcome.errno,
                                                   more_errno=outcome.more_errno,
                                                   message=outcome.message, host=True))
+                await self._host_defer_event(addresses[0], host, port, outcome)
             last = outcome
         if last is None:
             last = defer("all hosts have been failing", C.ERRNO_UNKNOWNERROR)
         return last
+
+    async def defer_event(self, outcome: Outcome | None) -> None:
+        """``msg:defer`` when the last host tried deferred the message
+        (Exim's deferred_event_raise()); the delivery then raises none of
+        its own (``job.extra["defer_events"]``)."""
+        if outcome is None or outcome.status != C.DEFER:
+            return
+        host = outcome.extra.get("last_host")
+        first = self.addresses[0]
+        if not isinstance(host, Host) or not transport_action(self.instance):
+            return
+        job = self.job
+        job.extra["defer_events"] = True
+        await deferred_event(job.ctx, job.config, "msg:defer", first, host, log=job.log,
+                             message_id=job.message_id)
+
+    async def _host_defer_event(self, first: DeliveryAddress, host: Host, port: int,
+                                outcome: Outcome) -> None:
+        """``msg:host:defer`` for a host that deferred (Exim's
+        deferred_event_raise() in the host loop), with the host's error on
+        the first address while it runs."""
+        if outcome.status != C.DEFER or not transport_action(self.instance):
+            return
+        job = self.job
+        saved = first.message, first.basic_errno, first.host_used
+        first.message, first.basic_errno = outcome.message, outcome.errno
+        first.host_used = Host(host.name, host.address, port, host.mx, host.dnssec)
+        try:
+            await deferred_event(job.ctx, job.config, "msg:host:defer", first,
+                                 first.host_used, log=job.log, message_id=job.message_id)
+        finally:
+            first.message, first.basic_errno, first.host_used = saved
 
     def _log_host_error(self, host: Host, port: int, outcome: Outcome) -> None:
         """Exim's write_logs(): a line for each host that deferred,
@@ -358,7 +420,9 @@ class _Attempt:
             if outcome.errno > 0:
                 text += f": {os.strerror(outcome.errno)}"
         else:
-            text += f" {os.strerror(outcome.errno)}" if outcome.errno > 0 else ""
+            # exim_errstr(): strerror, also for an event's ERRNO_EVENT
+            text += f" {os.strerror(outcome.errno)}" \
+                if outcome.errno > 0 or outcome.errno == ERRNO_EVENT else ""
         log.write(text, ("main",), self.job.message_id)
 
     async def _host_in(self, option: str, host: Host) -> bool:
@@ -431,6 +495,13 @@ class _Attempt:
                 return Outcome(C.DEFER, f"TLS session: {text}", ERRNO_TLSFAILURE,
                                _more_errno(host), extra={"last_host": host})
             if reply.digit == "2":
+                if await self._tls_cert_events(host, creator.session) \
+                        and options.verify == "require":
+                    # Exim's verify callback fails the handshake here.
+                    return Outcome(C.DEFER, "TLS session: (SSL_connect): error:0A000086:"
+                                   "SSL routines::certificate verify failed",
+                                   ERRNO_TLSFAILURE, _more_errno(host),
+                                   extra={"last_host": host})
                 self._log_verify_errors(host, creator.session.verify_errors)
                 variables = tls_out_variables(creator.session)
                 job.ctx.variables.update(variables)
@@ -452,6 +523,33 @@ class _Attempt:
                            ERRNO_TLSREQUIRED, _more_errno(host), extra={"last_host": host})
         return None
 
+    async def _tls_cert_events(self, host: Host, session: Any) -> bool:
+        """``tls:cert`` for each certificate of the server's chain, from
+        the top (``$event_data`` the depth, ``$tls_out_peercert`` the
+        certificate), raised once the handshake is done (Exim raises it in
+        its verify callback).  A non-empty result is logged and marks the
+        session unverified; True when one was refused."""
+        connection = session.connection
+        if not transport_action(self.instance) or connection is None:
+            return False
+        chain = connection.get_verified_chain() or connection.get_peer_cert_chain() or []
+        variables = self.job.ctx.variables
+        certs = variables.setdefault("__certs__", {})
+        refused = False
+        for depth in range(len(chain) - 1, -1, -1):
+            cert = chain[depth].to_cryptography()
+            certs["tls_out_peercert"] = cert
+            result = await self._connection_event("tls:cert", str(depth))
+            if result:
+                refused = True
+                session.verify_failed = True
+                if self.job.log is not None:
+                    self.job.log.write(
+                        f"[{host.address}] SSL verify denied by event-action: depth={depth} "
+                        f"cert={cert.subject.rfc4514_string()}: {result}", ("main",),
+                        self.job.message_id)
+        return refused
+
     def _log_verify_errors(self, host: Host, errors: list[str]) -> None:
         log = self.job.log
         if log is None:
@@ -464,17 +562,96 @@ class _Attempt:
         """(True, None) when a transaction took place (the addresses have
         their results); (False, outcome) to go on to the next host."""
         job = self.job
+        variables = job.ctx.variables
+        for k in ("proxy_session", "proxy_local_address", "proxy_local_port",
+                  "proxy_external_address", "proxy_external_port"):
+            variables.pop(k, None)
+        for address in self.addresses:
+            address.extra.pop("proxy", None)
+        self._host_variables(host, port)
+        failed = Outcome(C.DEFER, None, E.ECONNREFUSED, _more_errno(host),
+                         extra={"last_host": host})
+        proxies = await self._socks_proxies()
+        if isinstance(proxies, Outcome):
+            failed.errno = proxies.errno
+            return False, failed
+        timeout = float(self.instance.get("connect_timeout"))
         try:
-            client = await connect(job.reactor, job.clock, str(host.address), port,
-                                   timeout=float(self.instance.get("connect_timeout")),
-                                   interface=self.interface, settings=self.settings)
+            if proxies:
+                client, session = await connect_socks(
+                    job.reactor, job.clock, proxies, str(host.address), port,
+                    timeout=timeout, interface=self.interface, settings=self.settings,
+                    log=_SocksLog(job), tcp_connect_event=self._proxy_event(host, port))
+                self._host_variables(host, port)
+                variables.update({
+                    "proxy_session": "yes",
+                    "proxy_local_address": session.proxy_local_address,
+                    "proxy_local_port": str(session.proxy_local_port),
+                    "proxy_external_address": session.proxy_external_address,
+                    "proxy_external_port": str(session.proxy_external_port)})
+                for address in self.addresses:
+                    address.extra["proxy"] = (session.proxy_local_address,
+                                              session.proxy_local_port)
+            else:
+                if await self._connection_event("tcp:connect"):
+                    failed.errno = ERRNO_EVENT
+                    return False, failed
+                client = await connect(job.reactor, job.clock, str(host.address), port,
+                                       timeout=timeout, interface=self.interface,
+                                       settings=self.settings)
         except ConnectError as e:
-            return False, Outcome(C.DEFER, None, e.errno, _more_errno(host),
-                                  extra={"last_host": host})
+            failed.errno = e.errno
+            return False, failed
         try:
             return await self._dialogue(client, host, suppress_tls)
         finally:
             client.close()
+            self._host_variables(host, port)
+            await self._connection_event("tcp:close")
+
+    def _host_variables(self, host: Host, port: int) -> None:
+        """``$host``, ``$host_address``, ``$host_port`` during a connection
+        (Exim's deliver_host*), as its connection events see them."""
+        variables = self.job.ctx.variables
+        variables["host"] = host.name
+        variables["host_address"] = str(host.address)
+        variables["host_port"] = str(port)
+
+    async def _connection_event(self, name: str, data: str | None = None) -> str | None:
+        """A connection event with the transport's action (see
+        twisted_mta/events.py): its non-empty result, or None."""
+        if not transport_action(self.instance):
+            return None
+        return await transport_event(self.job.ctx, self.instance, name, data,
+                                     log=self.job.log, message_id=self.job.message_id)
+
+    def _proxy_event(self, host: Host, port: int) -> Any:
+        """The SOCKS endpoint's ``tcp:connect`` hook: the event with
+        ``$host_address``/``$host_port`` set to the proxy, as in Exim."""
+        async def hook(proxy: Any) -> str | None:
+            variables = self.job.ctx.variables
+            variables["host_address"] = proxy.host
+            variables["host_port"] = str(proxy.port)
+            try:
+                return await self._connection_event("tcp:connect")
+            finally:
+                self._host_variables(host, port)
+        return hook
+
+    async def _socks_proxies(self) -> list[Any] | Outcome:
+        """The expanded ``socks_proxy`` (``[]``: connect directly); a
+        failed expansion is logged and defers the host."""
+        raw = self.instance.get("socks_proxy")
+        if not raw:
+            return []
+        try:
+            text = await expand(self.job, str(raw))
+            return parse_socks_proxy(text)
+        except (ExpansionError, SOCKSConfigError):
+            if self.job.log is not None:
+                self.job.log.write(f"Bad expansion for socks_proxy in {self.instance.name}",
+                                   ("main", "panic"), self.job.message_id)
+            return Outcome(C.DEFER, None, C.ERRNO_EXPANDFAIL)
 
     async def _dialogue(self, client: SMTPClient, host: Host,
                         suppress_tls: bool = False) -> tuple[bool, Outcome | None]:
@@ -484,6 +661,12 @@ class _Attempt:
             greeting = await client.greeting()
             for address in addresses:
                 address.extra[SMTP_GREETING] = greeting.text
+            forced = await self._connection_event("smtp:connect", greeting.text)
+            if forced:
+                await client.quit()
+                return False, Outcome(C.DEFER, "deferred by smtp:connect event expansion: "
+                                      f"{forced}", C.ERRNO_EXPANDFAIL, _more_errno(host),
+                                      extra={"last_host": host})
             hello = await client.hello(self.helo)
             for address in addresses:
                 address.extra[HELO_RESPONSE] = hello.text
@@ -502,9 +685,15 @@ class _Attempt:
         recipients = [rcpt_address(a, include) for a in addresses]
         stream = MessageStream(self.headers, job.data_path, self.options,
                                wireformat=bool(job.message.wireformat))
+        dsn_offered = client.offers("DSN")
+        mail_params, rcpt_params = _dsn_params(job, addresses, dsn_offered)
+        for address in addresses:
+            address.extra[DSN_AWARE] = dsn_offered
+        prdr = client.offers("PRDR") and await self._host_in("hosts_try_prdr", host)
         result = await client.transaction(self.return_path, recipients,
                                           _chunks(job, stream), size=self.size,
-                                          eight_bit=self.eight_bit)
+                                          eight_bit=self.eight_bit, prdr=prdr,
+                                          mail_params=mail_params, rcpt_params=rcpt_params)
         accepted: list[DeliveryAddress] = []
         for address, recipient, reply in zip(addresses, recipients,
                                              result.rcpt_replies + [None] * len(addresses),
@@ -529,8 +718,18 @@ class _Attempt:
                     RetryItem(key, basic_errno=C.ERRNO_RCPT4XX,
                               more_errno=address.more_errno, message=message))
         error = result.error
+        if result.prdr:
+            self._prdr_results(result, addresses, accepted, host)
+            accepted = [a for a in accepted if a.status == PENDING]
         if error is not None:
             pending = [a for a in addresses if a.status == PENDING]
+            if result.prdr and error.reply is not None and error.reply.digit == "5":
+                # Exim: an overall 5xx after PRDR fails the recipients the
+                # per-recipient replies had deferred or failed too.
+                for address in addresses:
+                    if address.extra.get(_PRDR_RESULT) == "" and address.status != PENDING:
+                        address.status = PENDING
+                        pending.append(address)
             if not result.rcpt_replies:
                 # MAIL failed or the dialogue broke before any RCPT reply.
                 if error.send_quit:
@@ -551,15 +750,54 @@ class _Attempt:
                 else:
                     address.defer(outcome.message or "", errno=outcome.errno,
                                   more_errno=outcome.more_errno, host=host)
+            for address in addresses:
+                address.extra.pop(_PRDR_RESULT, None)
             if error.send_quit:
                 await client.quit()
             return True, None
         if result.data_reply is not None:
             confirmation = result.data_reply.text.replace("\n", " ")
             for address in accepted:
+                if result.prdr:
+                    # The recipient's reply and the overall one, joined with a
+                    # literal backslash-n as Exim does.
+                    confirmation = (address.extra.pop(_PRDR_RESULT, "") + "\\n"
+                                    + _printing(result.data_reply))
+                    address.extra.setdefault("flags", []).append("PRDR")
                 address.succeed(confirmation, host=host)
+        for address in addresses:
+            address.extra.pop(_PRDR_RESULT, None)
         await client.quit()
         return True, None
+
+    def _prdr_results(self, result: Any, addresses: list[DeliveryAddress],
+                      accepted: list[DeliveryAddress], host: Host) -> None:
+        """Apply the per-recipient replies after PRDR's 353 (Exim's
+        ``PRDR error after DATA: ...``; a deferral has errno 0 and an
+        address retry record).  The reply of a recipient that got a 2xx is
+        kept (under _PRDR_RESULT) for its confirmation."""
+        replies = dict(zip(map(id, addresses), result.prdr_replies, strict=False))
+        for address in accepted:
+            reply = replies.get(id(address))
+            if reply is None:
+                continue
+            if reply.digit == "2":
+                address.extra[_PRDR_RESULT] = _printing(reply)
+                continue
+            message = f"PRDR error after DATA: {_printing(reply)}"
+            address.extra[PASS_MESSAGE] = True
+            address.extra[_PRDR_RESULT] = ""
+            if reply.digit == "5":
+                address.fail(message, host=host)
+                continue
+            address.defer(message, errno=0, more_errno=_more_errno(host, reply.code),
+                          host=host)
+            key = f"R:{address.address}"
+            if self.instance.get("address_retry_include_sender", True):
+                key += f":<{self.message.sender}>"
+            address.extra.setdefault("retry_items", []).append(
+                RetryItem(key, basic_errno=0, more_errno=address.more_errno,
+                          message=message))
 
     def _error_outcome(self, error: SMTPClientError, host: Host,
                        errno_4xx: int = 0) -> Outcome:
@@ -573,6 +811,61 @@ class _Attempt:
         elif number == E.ETIMEDOUT:
             number = E.ETIMEDOUT
         return Outcome(C.DEFER, error.message, number, more, extra={"last_host": host})
+
+
+class _SocksLog:
+    """The SOCKS client's log (main and panic lines) on the job's log."""
+
+    def __init__(self, job: Any) -> None:
+        self.job = job
+
+    def main(self, text: str) -> None:
+        if self.job.log is not None:
+            self.job.log.write(text, ("main",), self.job.message_id)
+
+    def panic(self, text: str) -> None:
+        if self.job.log is not None:
+            self.job.log.write(text, ("main", "panic"), self.job.message_id)
+
+
+def _printing(reply: Any) -> str:
+    """A reply as Exim's string_printing() shows it: the lines joined with
+    a literal backslash-n."""
+    return "\\n".join(reply.lines)
+
+
+def _dsn_params(job: Any, addresses: list[DeliveryAddress],
+                offered: bool) -> tuple[str, list[str]]:
+    """The DSN parameters for MAIL (`` RET=... ENVID=...``) and each RCPT
+    (`` NOTIFY=... ORCPT=...``), as Exim's build_mailcmd_options() and
+    build_rcptcmd_options(): only to a next hop that offers DSN, none for
+    an address whose router has ``dsn_lasthop`` (and no RET/ENVID when
+    every address has it); ENVID and ORCPT are passed on as they were
+    received (still xtext); the NOTIFY keywords are rebuilt in the order
+    NEVER, SUCCESS, FAILURE, DELAY."""
+    if not offered:
+        return "", [""] * len(addresses)
+    data = [dsn_data(a, job.config) for a in addresses]
+    mail = ""
+    message = job.message
+    if not all(flags & DSN_LASTHOP for flags, _ in data):
+        if message.dsn_ret == DSN_RET_HDRS:
+            mail += " RET=HDRS"
+        elif message.dsn_ret == DSN_RET_FULL:
+            mail += " RET=FULL"
+        if message.dsn_envid:
+            mail += f" ENVID={message.dsn_envid}"
+    rcpts: list[str] = []
+    for flags, orcpt in data:
+        text = ""
+        if not flags & DSN_LASTHOP:
+            names = [name for bit, name in _NOTIFY_NAMES if flags & bit]
+            if names:
+                text += " NOTIFY=" + ",".join(names)
+            if orcpt:
+                text += f" ORCPT={orcpt}"
+        rcpts.append(text)
+    return mail, rcpts
 
 
 def _apply(outcome: Outcome | None, addresses: list[DeliveryAddress]) -> None:
