@@ -196,20 +196,7 @@ def load_context(options: ServerTLSOptions) -> SSL.Context:
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     context.set_session_id(b"exim")
 
-    _readable(options.certificate, "SSL_CTX_use_certificate_chain_file")
-    try:
-        context.use_certificate_chain_file(options.certificate)
-    except SSL.Error as exc:
-        raise TLSConfigError(f"(SSL_CTX_use_certificate_chain_file file={options.certificate}): "
-                             f"{_openssl_reason(exc)}") from None
-    key = options.privatekey or options.certificate
-    _readable(key, "SSL_CTX_use_PrivateKey_file")
-    try:
-        context.use_privatekey_file(key)
-        context.check_privatekey()
-    except SSL.Error as exc:
-        raise TLSConfigError(
-            f"(SSL_CTX_use_PrivateKey_file file={key}): {_openssl_reason(exc)}") from None
+    load_certificate_and_key(context, options.certificate, options.privatekey)
 
     if options.require_ciphers:
         # GnuTLS-style names use underscores; Exim turns them into hyphens.
@@ -581,3 +568,24 @@ def tls_in_variables(connection: SSL.Connection, *,
     for old in ("bits", "certificate_verified", "cipher", "peerdn", "sni"):
         values[f"tls_{old}"] = values[f"tls_in_{old}"]
     return values
+
+
+def load_certificate_and_key(context: SSL.Context, certificate: str,
+                             privatekey: str | None) -> None:
+    """Load a certificate chain and its key (in the same file when
+    *privatekey* is unset) as Exim does, with its error texts; raises
+    TLSConfigError.  Used by both the server and the client side."""
+    _readable(certificate, "SSL_CTX_use_certificate_chain_file")
+    try:
+        context.use_certificate_chain_file(certificate)
+    except SSL.Error as exc:
+        raise TLSConfigError(f"(SSL_CTX_use_certificate_chain_file file={certificate}): "
+                             f"{_openssl_reason(exc)}") from None
+    key = privatekey or certificate
+    _readable(key, "SSL_CTX_use_PrivateKey_file")
+    try:
+        context.use_privatekey_file(key)
+        context.check_privatekey()
+    except SSL.Error as exc:
+        raise TLSConfigError(
+            f"(SSL_CTX_use_PrivateKey_file file={key}): {_openssl_reason(exc)}") from None

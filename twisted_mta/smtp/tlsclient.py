@@ -45,9 +45,9 @@ from twisted_mta.smtp.tls import (
     TLSConfigError,
     _oneline,
     _openssl_reason,
-    _readable,
     _verify_error_text,
     cipher_standard_name,
+    load_certificate_and_key,
 )
 
 __all__ = ["ClientTLS", "ClientTLSOptions", "ClientTLSSession", "TLSConfigError",
@@ -88,20 +88,7 @@ def _load_context(options: ClientTLSOptions) -> SSL.Context:
     context = SSL.Context(SSL.TLS_CLIENT_METHOD)
     context.set_options(_CONTEXT_OPTIONS)
     if options.certificate:
-        _readable(options.certificate, "SSL_CTX_use_certificate_chain_file")
-        try:
-            context.use_certificate_chain_file(options.certificate)
-        except SSL.Error as exc:
-            raise TLSConfigError(f"(SSL_CTX_use_certificate_chain_file file="
-                                 f"{options.certificate}): {_openssl_reason(exc)}") from None
-        key = options.privatekey or options.certificate
-        _readable(key, "SSL_CTX_use_PrivateKey_file")
-        try:
-            context.use_privatekey_file(key)
-            context.check_privatekey()
-        except SSL.Error as exc:
-            raise TLSConfigError(f"(SSL_CTX_use_PrivateKey_file file={key}): "
-                                 f"{_openssl_reason(exc)}") from None
+        load_certificate_and_key(context, options.certificate, options.privatekey)
     if options.require_ciphers:
         try:
             context.set_cipher_list(options.require_ciphers.encode())
