@@ -87,6 +87,9 @@ def delivery_line(addr: DeliveryAddress, *, logchar: str, sender: str,
             text += f" CV={'yes' if addr.extra.get('tls_cv') else 'no'}"
         if addr.extra.get("tls_peerdn") and "tls_peerdn" in selector:
             text += f' DN="{addr.extra["tls_peerdn"]}"'
+        if addr.extra.get("authenticator"):
+            # deliver.c: after d_tlslog(), the client authenticator's name.
+            text += f" A={addr.extra['authenticator']}"
         if "PRDR" in addr.extra.get("flags", ()):
             text += " PRDR"
     if "smtp_confirmation" in selector and addr.confirmation and \

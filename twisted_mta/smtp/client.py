@@ -440,6 +440,30 @@ class SMTPClient:
     def offers(self, keyword: str) -> bool:
         return keyword.upper() in self.extensions
 
+    async def auth(self, mechanism: str, items: list[bytes]) -> tuple[str, Reply | None]:
+        """Exim's auth_client_item() loop for a plaintext-style client:
+        the first item (base64) with ``AUTH <mechanism>``, each next one
+        after a 334.  Returns ("ok", reply) on a 2xx, ("fail", reply) for
+        any other non-3xx reply, ("error", None) when the server still
+        prompts after the last item (a ``*`` cancels the exchange)."""
+        import base64
+
+        for i, item in enumerate(items):
+            encoded = base64.b64encode(item).decode("ascii")
+            if i == 0:
+                self.send(f"AUTH {mechanism}{' ' if item else ''}{encoded}")
+            else:
+                self.send(encoded)
+            self.last = f"AUTH {mechanism}" if i == 0 else "AUTH data"
+            reply = await self.read_reply()
+            if reply.digit == "2":
+                return "ok", reply
+            if reply.digit != "3":
+                return "fail", reply
+        self.send("*")
+        await self.read_reply()
+        return "error", None
+
     async def transaction(self, sender: str, recipients: list[str],
                           data: Any, *, size: int | None = None,
                           eight_bit: bool = False, prdr: bool = False,

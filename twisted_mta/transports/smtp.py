@@ -33,9 +33,13 @@ PRDR (``hosts_try_prdr``) and DSN pass-through (RET/ENVID/NOTIFY/ORCPT,
 ``smtp:connect``, ``tls:cert``, ``tcp:close``, ``msg:host:defer``,
 ``msg:defer``) are raised here (doc/events.md).
 
-Not yet: AUTH, CHUNKING, SMTPUTF8, more
+AUTH (client side, ``hosts_try_auth``/``hosts_require_auth``, the
+``plaintext`` driver's ``client_send``, ``authenticated_sender``): see
+doc/smtp-transport.md, "AUTH".
+
+Not yet: CHUNKING, SMTPUTF8, more
 than one message per connection, ``hosts_max_try``, ``serialize_hosts``,
-``hosts_avoid_esmtp``/``hosts_require_auth`` ..., OCSP, transport filters.
+``hosts_avoid_esmtp`` ..., OCSP, transport filters.
 """
 
 from __future__ import annotations
@@ -50,11 +54,12 @@ from zope.interface import implementer
 
 from twisted_mta.dsn import dsn_data
 from twisted_mta.events import ERRNO_EVENT, deferred_event, transport_action, transport_event
-from twisted_mta.expand.errors import ExpansionError
+from twisted_mta.expand.errors import ExpansionError, ForcedFailure
 from twisted_mta.interfaces import ITransport
 from twisted_mta.lists import HostIdentity, ListDefer, match_list
 from twisted_mta.queue.address import DEFERRED, PENDING, DeliveryAddress, Host
 from twisted_mta.queue.retry import ERRNO_HRETRY, RetryItem
+from twisted_mta.smtp.auth import expand_check_condition
 from twisted_mta.smtp.client import (
     ClientSettings,
     ConnectError,
@@ -64,6 +69,7 @@ from twisted_mta.smtp.client import (
     connect,
     connect_socks,
 )
+from twisted_mta.smtp.params import xtext_encode
 from twisted_mta.smtp.socks import SOCKSConfigError, parse_socks_proxy
 from twisted_mta.smtp.tlsclient import (
     ClientTLS,
@@ -92,6 +98,7 @@ from twisted_mta.transports.message import (
     next_chunk,
     spool_message_size,
 )
+from twisted_mta.values import split_list
 
 #: The address.extra keys the DSN code reads (twisted_mta/dsn.py).
 SMTP_GREETING, HELO_RESPONSE, PASS_MESSAGE = "smtp_greeting", "helo_response", "pass_message"
@@ -106,6 +113,11 @@ ERRNO_TLSFAILURE = -37
 ERRNO_TLSREQUIRED = -38
 #: The address.extra keys for the => line (twisted_mta/queue/deliverylog.py).
 TLS_EXTRA_KEYS = ("tls_cipher", "tls_cv", "tls_peerdn")
+#: The client authenticator's name, for A= on the => line.
+AUTHENTICATOR = "authenticator"
+#: Exim's errno values for AUTH (macros.h).
+ERRNO_AUTHFAIL = -42
+ERRNO_AUTHPROB = -48
 
 
 def parse_port(text: str) -> int | None:
@@ -680,13 +692,28 @@ class _Attempt:
             if e.send_quit:
                 await client.quit()
             return False, self._error_outcome(e, host)
-        # Hook: AUTH would go here, using client.extensions.
+        for address in addresses:
+            address.extra.pop(AUTHENTICATOR, None)
+        try:
+            auth_outcome = await self._auth(client, host)
+        except SMTPClientError as e:
+            if e.send_quit:
+                await client.quit()
+            return False, self._error_outcome(e, host)
+        if isinstance(auth_outcome, Outcome):
+            await client.quit()
+            return False, auth_outcome
         include = bool(self.instance.get("rcpt_include_affixes"))
         recipients = [rcpt_address(a, include) for a in addresses]
         stream = MessageStream(self.headers, job.data_path, self.options,
                                wireformat=bool(job.message.wireformat))
         dsn_offered = client.offers("DSN")
         mail_params, rcpt_params = _dsn_params(job, addresses, dsn_offered)
+        mail_auth = await self._mail_auth(auth_outcome)
+        if isinstance(mail_auth, Outcome):
+            await client.quit()
+            return False, mail_auth
+        mail_params += mail_auth
         for address in addresses:
             address.extra[DSN_AWARE] = dsn_offered
         prdr = client.offers("PRDR") and await self._host_in("hosts_try_prdr", host)
@@ -770,6 +797,86 @@ class _Attempt:
         await client.quit()
         return True, None
 
+    async def _auth(self, client: SMTPClient, host: Host) -> str | Outcome | None:
+        """Exim's smtp_auth(): when the server offers AUTH and the host is
+        in ``hosts_require_auth`` or ``hosts_try_auth``, try each client
+        authenticator (``plaintext`` with ``client_send``, its
+        ``client_condition`` true) whose public name is on offer, in
+        configuration order.  The authenticator's name on success (also
+        put on the addresses for ``A=``), None to go on unauthenticated,
+        or the host's outcome (authentication required but not done, or
+        an authenticator's internal problem)."""
+        job = self.job
+        require = await self._host_in("hosts_require_auth", host)
+        reason = "server did not advertise AUTH support"
+        offered = client.extensions.get("AUTH") if client.esmtp else None
+        if offered is not None and \
+                (require or await self._host_in("hosts_try_auth", host)):
+            reason = "no common mechanisms were found"
+            names = [n.upper() for n in offered.split()]
+            for auth in getattr(job.config, "authenticators", []):
+                send = auth.get("client_send") if auth.driver == "plaintext" else None
+                if send is None:
+                    continue
+                condition = auth.get("client_condition")
+                if condition is not None and not await expand_check_condition(
+                        str(condition), job.ctx, auth.name):
+                    continue
+                public = str(auth.get("public_name") or auth.name)
+                if public.upper() not in names:
+                    continue
+                reason = "authentication attempt(s) failed"
+                items: list[bytes] = []
+                try:
+                    for item in split_list(str(send)):
+                        items.append(_nul_escapes(await expand(job, item)))
+                except ForcedFailure:
+                    continue
+                except ExpansionError as e:
+                    return Outcome(C.DEFER, f'expansion of "{send}" failed in {auth.name} '
+                                   f"authenticator: {e.message}", ERRNO_AUTHPROB,
+                                   _more_errno(host), extra={"last_host": host})
+                if not items:
+                    continue
+                result, reply = await client.auth(public, items)
+                if result == "ok":
+                    for address in self.addresses:
+                        address.extra[AUTHENTICATOR] = auth.name
+                    return str(auth.name)
+                if result == "error":
+                    return Outcome(C.DEFER, "Too few items in client_send in "
+                                   f"{auth.name} authenticator", ERRNO_AUTHPROB,
+                                   _more_errno(host), extra={"last_host": host})
+                if reply is not None and reply.digit == "5":
+                    if job.log is not None:
+                        job.log.write(f"{auth.name} authenticator failed H={host.name} "
+                                      f"[{host.address}] {reply.lines[-1]}", ("main",),
+                                      job.message_id)
+                    continue
+                if reply is not None:
+                    raise client.error_reply(reply)
+        if require:
+            return Outcome(C.DEFER, f"authentication required but {reason}",
+                           ERRNO_AUTHFAIL, _more_errno(host), extra={"last_host": host})
+        return None
+
+    async def _mail_auth(self, authenticated: str | Outcome | None) -> str | Outcome:
+        """Exim's smtp_mail_auth_str(): `` AUTH=<xtext>`` for MAIL with
+        ``authenticated_sender`` once authenticated (or with
+        ``authenticated_sender_force``); a forced failure or an empty
+        result sends none."""
+        raw = self.instance.get("authenticated_sender")
+        if raw is None or not (authenticated or self.instance.get("authenticated_sender_force")):
+            return ""
+        try:
+            value = await expand(self.job, str(raw))
+        except ForcedFailure:
+            return ""
+        except ExpansionError as e:
+            return Outcome(C.DEFER, f"failed to expand authenticated_sender: {e.message}",
+                           C.ERRNO_EXPANDFAIL)
+        return f" AUTH={xtext_encode(value)}" if value else ""
+
     def _prdr_results(self, result: Any, addresses: list[DeliveryAddress],
                       accepted: list[DeliveryAddress], host: Host) -> None:
         """Apply the per-recipient replies after PRDR's 353 (Exim's
@@ -826,6 +933,24 @@ class _SocksLog:
     def panic(self, text: str) -> None:
         if self.job.log is not None:
             self.job.log.write(text, ("main", "panic"), self.job.message_id)
+
+
+def _nul_escapes(text: str) -> bytes:
+    """Exim's client_send escapes: ``^`` is a NUL, ``^^`` a ``^``."""
+    out = bytearray()
+    i = 0
+    data = text.encode("latin-1", "replace") if not isinstance(text, bytes) else text
+    while i < len(data):
+        if data[i] == 0x5E:
+            if data[i + 1:i + 2] == b"^":
+                out.append(0x5E)
+                i += 2
+                continue
+            out.append(0)
+        else:
+            out.append(data[i])
+        i += 1
+    return bytes(out)
 
 
 def _printing(reply: Any) -> str:
