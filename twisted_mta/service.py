@@ -10,7 +10,6 @@ per interface and port from ``local_interfaces`` and
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Mapping
 from datetime import datetime
@@ -26,7 +25,7 @@ from zope.interface import implementer
 from twisted_mta import EXIM_COMPAT_VERSION
 from twisted_mta.cli import DEFAULT_CONFIG
 from twisted_mta.manhole import ManholeError, ManholeOptionsMixin, manhole_service
-from twisted_mta.values import list_separator, split_list, split_list_with
+from twisted_mta.values import list_separator, parse_port, split_list, split_list_with
 
 DEFAULT_INTERFACES = "<; 0.0.0.0 ; ::0"
 
@@ -49,13 +48,10 @@ class Options(ManholeOptionsMixin, usage.Options):
 
 
 def _port_number(text: str) -> int:
-    text = text.strip()
-    if text.isdigit():
-        return int(text)
-    try:
-        return socket.getservbyname(text, "tcp")
-    except OSError:
-        raise ValueError(f'TCP port "{text}" is not defined') from None
+    port = parse_port(text)
+    if port is None:
+        raise ValueError(f'TCP port "{text.strip()}" is not defined')
+    return port
 
 
 def listening_addresses(config: Any, override: str | None = None) -> list[tuple[str, int]]:

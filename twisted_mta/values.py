@@ -7,6 +7,7 @@ Shared by the configuration reader and the expansion engine, so an option and
 from __future__ import annotations
 
 import re
+import socket
 
 _TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _TIME_PART = re.compile(r"(\d+)([smhdw])")
@@ -170,3 +171,14 @@ def interpret_escape(s: str, i: int) -> tuple[str, int]:
                 break
         return chr(value), j
     return {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}.get(c, c), j
+
+
+def parse_port(text: str) -> int | None:
+    """A TCP port: a number or a service name (``smtp``); None if neither."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return socket.getservbyname(text, "tcp")
+    except OSError:
+        return None

@@ -98,7 +98,7 @@ from twisted_mta.transports.message import (
     next_chunk,
     spool_message_size,
 )
-from twisted_mta.values import split_list
+from twisted_mta.values import parse_port, split_list
 
 #: The address.extra keys the DSN code reads (twisted_mta/dsn.py).
 SMTP_GREETING, HELO_RESPONSE, PASS_MESSAGE = "smtp_greeting", "helo_response", "pass_message"
@@ -118,16 +118,6 @@ AUTHENTICATOR = "authenticator"
 #: Exim's errno values for AUTH (macros.h).
 ERRNO_AUTHFAIL = -42
 ERRNO_AUTHPROB = -48
-
-
-def parse_port(text: str) -> int | None:
-    text = text.strip()
-    if text.isdigit():
-        return int(text)
-    try:
-        return socket.getservbyname(text, "tcp")
-    except OSError:
-        return None
 
 
 def _is_ip(text: str) -> bool:
