@@ -108,12 +108,15 @@ class BenchError(Exception):
 
 
 class Server:
-    """One MTA daemon on a free port, with its own directory and spool."""
+    """One MTA daemon on a free port, with its own directory and spool.
+    Subclasses change the configuration by overriding config_text()."""
+
+    prefix = "accept-bench"
 
     def __init__(self, name: str, argv: list[str], tmpdir: str | None = None) -> None:
         self.name = name
         self.argv = argv  # the command, without the config and port
-        self.directory = Path(tempfile.mkdtemp(prefix=f"accept-bench-{name}-", dir=tmpdir))
+        self.directory = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-{name}-", dir=tmpdir))
         self.config = self.directory / "configure"
         self.output = self.directory / "daemon.out"
         self.port = 0
@@ -123,14 +126,18 @@ class Server:
     def spool(self) -> Path:
         return self.directory / "spool"
 
+    def config_text(self) -> str:
+        """The configuration for the current port and spool."""
+        text = COMMON.format(port=self.port, spool=self.spool)
+        return EXIM_ONLY + text if self.name == "exim" else text
+
     def start(self) -> None:
         """Start on a fresh spool and wait for the banner."""
         shutil.rmtree(self.spool, ignore_errors=True)
         (self.spool / "log").mkdir(parents=True)
         self.port = free_port()
-        text = COMMON.format(port=self.port, spool=self.spool)
+        text = self.config_text()
         if self.name == "exim":
-            text = EXIM_ONLY + text
             argv = self.argv + ["-C", str(self.config), "-bdf", "-oX", str(self.port)]
         else:
             argv = self.argv + ["-C", str(self.config)]
@@ -210,11 +217,11 @@ class Server:
 
 
 def send(server: Server, size: int, sessions: int, count: int,
-         timeout: float) -> tuple[float, float]:
+         timeout: float, recipient: str = RECIPIENT) -> tuple[float, float]:
     """When smtp-source started (time.time()) and how many seconds it took to
     send *count* messages; raises on failure."""
     argv = [str(SMTP_SOURCE), "-d", "-s", str(sessions), "-m", str(count),
-            "-l", str(size), "-f", SENDER, "-t", RECIPIENT, f"127.0.0.1:{server.port}"]
+            "-l", str(size), "-f", SENDER, "-t", recipient, f"127.0.0.1:{server.port}"]
     env = dict(os.environ, LD_LIBRARY_PATH=str(POSTFIX_LIBS))
     wall = time.time()
     started = time.perf_counter()

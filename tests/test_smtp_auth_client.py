@@ -58,7 +58,7 @@ class AuthClientTests(_Base):
                           "  authenticated_sender = auth+sender@x.test\n"))
         self.assertEqual(outcome, COMPLETED, lines)
         self.assertRegex(lines[0], r"^=> a@y\.test R=remote T=remote_smtp "
-                         r"H=127\.0\.0\.1 \[127\.0\.0\.1\] A=client_plain C=")
+                         r"H=127\.0\.0\.1 \[127\.0\.0\.1\] A=client_plain K C=")
         log = self.exim.mainlog()
         self.assertRegex(log, r"<= s@x\.test H=\(exim-py\.test\) \[127\.0\.0\.1\] "
                          r"P=esmtpa A=plain:user ")

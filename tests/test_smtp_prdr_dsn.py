@@ -241,14 +241,17 @@ class PrdrDsnToEximTests(_Base):
         self.assertEqual(outcome, INCOMPLETE, lines)
         host = "R=remote T=remote_smtp H=127.0.0.1 [127.0.0.1]"
         final = rf"250 id=({ID}) message accepted for some recipients"
-        self.assertRegex(lines[0], rf'^=> a@y\.test {re.escape(host)} PRDR '
+        # Exim offers CHUNKING: PRDR with BDAT, " K", errors after "BDAT <n> LAST".
+        self.assertRegex(lines[0], rf'^=> a@y\.test {re.escape(host)} PRDR K '
                          rf'C="250 PRDR R=<a@y\.test> acceptance\\\\n{final}"$')
-        self.assertIn(f"** bad@y.test {host}: PRDR error after DATA: "
-                      "550 PRDR R=<bad@y.test> refusal", lines)
-        self.assertIn("== later@y.test R=remote T=remote_smtp defer (0) H=127.0.0.1 "
-                      "[127.0.0.1]: PRDR error after DATA: 450 PRDR R=<later@y.test> "
-                      "temporary refusal", lines)
-        self.assertTrue(any(re.match(rf'^-> b@y\.test {re.escape(host)} PRDR '
+        self.assertTrue(any(re.fullmatch(rf"\*\* bad@y\.test {re.escape(host)}: PRDR error "
+                                         r"after BDAT \d+ LAST: 550 PRDR R=<bad@y\.test> "
+                                         "refusal", line) for line in lines), lines)
+        self.assertTrue(any(re.fullmatch(
+            r"== later@y\.test R=remote T=remote_smtp defer \(0\) H=127\.0\.0\.1 "
+            r"\[127\.0\.0\.1\]: PRDR error after BDAT \d+ LAST: 450 PRDR R=<later@y\.test> "
+            "temporary refusal", line) for line in lines), lines)
+        self.assertTrue(any(re.match(rf'^-> b@y\.test {re.escape(host)} PRDR K '
                                      r'C="250 PRDR R=<b@y\.test> acceptance', line)
                             for line in lines), lines)
         self.assertEqual([a.address for a in self.bounced], ["bad@y.test"])
@@ -257,7 +260,7 @@ class PrdrDsnToEximTests(_Base):
         # What Exim got and logged.
         exim_id = re.search(final, lines[0]).group(1)
         log = self.exim.mainlog()
-        self.assertIn(f"{exim_id} <= s@x.test H=(exim-py.test) [127.0.0.1] P=esmtp PRDR ",
+        self.assertIn(f"{exim_id} <= s@x.test H=(exim-py.test) [127.0.0.1] P=esmtp PRDR K ",
                       log)
         self.assertIn("PRDR R=<bad@y.test> refusal", log)
         self.assertIn("PRDR R=<later@y.test> temporary refusal", log)
@@ -269,8 +272,8 @@ class PrdrDsnToEximTests(_Base):
         outcome, lines = await self.deliver(
             [Recipient("a@y.test"), Recipient("bad@y.test")], extra="  hosts_try_prdr =")
         self.assertEqual(outcome, COMPLETED, lines)
-        self.assertRegex(lines[0], rf'^=> a@y\.test .*\] C="250 OK id={ID}"$')
-        self.assertRegex(lines[1], rf'^-> bad@y\.test .*\] C="250 OK id={ID}"$')
+        self.assertRegex(lines[0], rf'^=> a@y\.test .*\] K C="250- .*\\\\n250 OK id={ID}"$')
+        self.assertRegex(lines[1], rf'^-> bad@y\.test .*\] K C="250- .*\\\\n250 OK id={ID}"$')
         self.assertNotIn(" PRDR", self.exim.mainlog())
 
     async def test_dsn_parameters_arrive_at_exim_intact(self) -> None:

@@ -98,7 +98,8 @@ class SocksAndEventsTests(trial.TestCase):
         self.assertEqual(len(delivered), 1, lines)
         self.assertRegex(delivered[0], rf'^=> a@y\.test R=remote T=remote_smtp H=127\.0\.0\.1 '
                          rf'\[127\.0\.0\.1\]:{self.exim.port} '
-                         rf'PRX=\[127\.0\.0\.1\]:{proxy.port} C="250 OK id={ID}"$')
+                         rf'PRX=\[127\.0\.0\.1\]:{proxy.port} K '
+                         rf'C="250- \d+ byte chunk, total \d+\\\\n250 OK id={ID}"$')
         self.assertEqual(len(self.exim_messages()), 1)
         events = [line for line in lines if line.startswith("EV ")]
         # tcp:connect sees the proxy; the others the target and the proxy used
@@ -106,7 +107,9 @@ class SocksAndEventsTests(trial.TestCase):
         self.assertRegex(events[1], rf"^EV smtp:connect\|220 .*\|127\.0\.0\.1\|"
                          rf"{self.exim.port}\|0\|127\.0\.0\.1$")
         self.assertEqual(events[2], f"EV tcp:close||127.0.0.1|{self.exim.port}|0|127.0.0.1")
-        self.assertTrue(events[3].startswith("EV msg:delivery|250 OK id="), events)
+        # $value: the BDAT LAST reply, its lines joined with a literal "\n".
+        self.assertRegex(events[3], r"^EV msg:delivery\|250- \d+ byte chunk, total \d+"
+                         r"\\n250 OK id=")
 
     async def test_through_microsocks(self) -> None:
         proxy = self.socks()
@@ -161,7 +164,9 @@ class SocksAndEventsTests(trial.TestCase):
         self.assertRegex(events[1], rf"^EV smtp:connect\|220 .*ESMTP Exim 4\.96.*\|"
                          rf"127\.0\.0\.1\|{port}\|0\|$")
         self.assertEqual(events[2], f"EV tcp:close||127.0.0.1|{port}|0|")
-        self.assertTrue(events[3].startswith("EV msg:delivery|250 OK id="), events)
+        # $value: the BDAT LAST reply, its lines joined with a literal "\n".
+        self.assertRegex(events[3], r"^EV msg:delivery\|250- \d+ byte chunk, total \d+"
+                         r"\\n250 OK id=")
         self.assertEqual(len(events), 4, events)
 
     async def test_tcp_connect_result_skips_the_host(self) -> None:

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from typing import Any
 
 from twisted.python.threadpool import ThreadPool
@@ -54,6 +55,15 @@ def receiver(certificate: Any | None, extra: str = "") -> str:
     return peer.RECEIVER_CONFIG.replace("tls_advertise_hosts =\n", tls)
 
 
+def crl_blocks(path: str) -> list[str]:
+    """The PEM CRLs in a pki().crl() file: the root's, then the intermediate's."""
+    with open(path, encoding="ascii") as f:
+        blocks = re.findall(r"(?s)-----BEGIN X509 CRL-----.*?-----END X509 CRL-----\n",
+                            f.read())
+    assert len(blocks) == 2, path
+    return blocks
+
+
 X_CV = r" X=TLS1\.[23]:[A-Z0-9_-]+:\d+ CV=(yes|no)"
 
 
@@ -77,6 +87,19 @@ class NamesTests(trial.TestCase):
         self.assertIn("failed to stat /nonexistent/ca.pem", str(cm.exception))
         with self.assertRaises(TLSConfigError):
             ClientTLS(ClientTLSOptions(certificate="/nonexistent/c.pem"))
+
+    def test_missing_crl_file(self) -> None:
+        from twisted_mta.smtp.tls import TLSConfigError
+        with self.assertRaises(TLSConfigError) as cm:
+            ClientTLS(ClientTLSOptions(verify_certificates=pki().ca_path,
+                                       crl="/nonexistent/crl.pem"))
+        self.assertEqual(str(cm.exception), "failed to stat /nonexistent/crl.pem for "
+                         "certificates revocation lists")
+
+    def test_crl_not_read_when_nothing_is_verified(self) -> None:
+        # Exim calls setup_certs() (CAs and CRL) only for a host in
+        # tls_verify_hosts or tls_try_verify_hosts.
+        ClientTLS(ClientTLSOptions(verify="none", crl="/nonexistent/crl.pem"))
 
 
 class StartTLSCommandTests(trial.TestCase):
@@ -243,7 +266,7 @@ class StartTLSToEximTests(trial.TestCase):
             self.assertNotIn(" CV=", delivery[0])
         else:
             self.assertRegex(delivery[0], r"^=> a@y\.test R=remote T=remote_smtp "
-                             r"H=localhost \[127\.0\.0\.1\]" + X_CV + r" C=")
+                             r"H=localhost \[127\.0\.0\.1\]" + X_CV + r" K C=")
             self.assertIn(f" CV={cv} ", delivery[0])
         self.assertEqual(len(self.exim_received()), 1)
         return delivery[0]
@@ -327,6 +350,185 @@ class StartTLSToEximTests(trial.TestCase):
         self.assertEqual(outcome, INCOMPLETE, lines)
         self.assertIn("[127.0.0.1] SSL verify error: depth=0 error=self-signed certificate "
                       "cert=/C=UK/O=exim-py tests/CN=localhost", lines)
+
+    def verify_errors(self, lines: list[str]) -> list[str]:
+        return [x for x in lines if "SSL verify" in x]
+
+    def assertFellBackToClear(self, outcome: str, lines: list[str]) -> None:
+        self.assertDelivered(outcome, lines, None)
+        fallback = [x for x in lines if "delivering unencrypted" in x]
+        self.assertEqual(len(fallback), 1, lines)
+        self.assertRegex(fallback[0], r"^TLS session: \(SSL_connect\): .*certificate verify "
+                         r"failed: delivering unencrypted to H=localhost \[127\.0\.0\.1\] "
+                         r"\(not in hosts_require_tls\)$")
+        self.assertNotRegex(self.exim_received()[0], r" X=")
+
+    def assertTLSFailureDeferred(self, outcome: str, lines: list[str]) -> None:
+        self.assertEqual(outcome, INCOMPLETE, lines)
+        deferred = [x for x in lines if x.startswith("== ")]
+        self.assertEqual(len(deferred), 1, lines)
+        self.assertRegex(deferred[0], r"^== a@y\.test R=remote T=remote_smtp defer \(-37\) "
+                         r"H=localhost \[127\.0\.0\.1\]: TLS session: \(SSL_connect\): "
+                         r".*certificate verify failed$")
+        self.assertEqual(self.exim_received(), [])
+        self.assertFalse(any("delivering unencrypted" in x for x in lines), lines)
+
+    # -- validity window (X509_V_ERR_CERT_HAS_EXPIRED, _NOT_YET_VALID) ----
+
+    EXPIRED = ("[127.0.0.1] SSL verify error: depth=0 error=certificate has expired "
+               "cert=/C=UK/O=exim-py tests/CN=localhost")
+    # OpenSSL 1.1.1 and 3.0 (what an Exim 4.96 is linked with) say "certificate
+    # is not yet valid"; OpenSSL 4 adds " or the system clock is incorrect".
+    NOT_YET_VALID = ("[127.0.0.1] SSL verify error: depth=0 error=certificate is not yet "
+                     "valid cert=/C=UK/O=exim-py tests/CN=localhost")
+    NOT_YET_VALID_ANY = (r"^\[127\.0\.0\.1\] SSL verify error: depth=0 error=certificate "
+                         r"is not yet valid.* cert=/C=UK/O=exim-py tests/CN=localhost$")
+
+    async def test_expired_with_try_verify_is_delivered_unverified(self) -> None:
+        self.start_exim(pki().leaf("localhost", expired=True))
+        outcome, lines = await self.send("")
+        self.assertDelivered(outcome, lines, "no")
+        self.assertEqual(self.verify_errors(lines), [self.EXPIRED])
+        self.assertRegex(self.exim_received()[0], r" X=TLS1\.[23]:")
+
+    async def test_expired_with_verify_falls_back_to_clear(self) -> None:
+        self.start_exim(pki().leaf("localhost", expired=True))
+        outcome, lines = await self.send("  tls_verify_hosts = *\n")
+        self.assertFellBackToClear(outcome, lines)
+        self.assertEqual(self.verify_errors(lines), [self.EXPIRED])
+
+    async def test_expired_with_verify_and_require_tls_defers(self) -> None:
+        self.start_exim(pki().leaf("localhost", expired=True))
+        outcome, lines = await self.send("  tls_verify_hosts = *\n  hosts_require_tls = *\n")
+        self.assertTLSFailureDeferred(outcome, lines)
+        self.assertEqual(self.verify_errors(lines), [self.EXPIRED])
+
+    async def test_not_yet_valid_with_try_verify_is_delivered_unverified(self) -> None:
+        self.start_exim(pki().leaf("localhost", not_yet_valid=True))
+        outcome, lines = await self.send("")
+        self.assertDelivered(outcome, lines, "no")
+        errors = self.verify_errors(lines)
+        self.assertEqual(len(errors), 1, lines)
+        self.assertRegex(errors[0], self.NOT_YET_VALID_ANY)
+
+    async def test_not_yet_valid_with_verify_and_require_tls_defers(self) -> None:
+        self.start_exim(pki().leaf("localhost", not_yet_valid=True))
+        outcome, lines = await self.send("  tls_verify_hosts = *\n  hosts_require_tls = *\n")
+        self.assertTLSFailureDeferred(outcome, lines)
+        errors = self.verify_errors(lines)
+        self.assertEqual(len(errors), 1, lines)
+        self.assertRegex(errors[0], self.NOT_YET_VALID_ANY)
+
+    async def test_not_yet_valid_logs_exims_text(self) -> None:
+        self.start_exim(pki().leaf("localhost", not_yet_valid=True))
+        outcome, lines = await self.send("")
+        self.assertDelivered(outcome, lines, "no")
+        self.assertEqual(self.verify_errors(lines), [self.NOT_YET_VALID])
+
+    # -- tls_crl (X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL) -------
+
+    REVOKED = ("[127.0.0.1] SSL verify error: depth=0 error=certificate revoked "
+               "cert=/C=UK/O=exim-py tests/CN=localhost")
+
+    # pki().leaf() is cached per name and flags and is shared with the other
+    # tests; revoking it in a CRL affects only the test that passes the CRL
+    # as tls_crl.
+
+    async def test_crl_revoked_with_verify_and_require_tls_defers(self) -> None:
+        leaf = pki().leaf("localhost")
+        self.start_exim(leaf)
+        crl = pki().crl(revoked=[leaf])
+        outcome, lines = await self.send(f"  tls_crl = {crl}\n  tls_verify_hosts = *\n"
+                                         "  hosts_require_tls = *\n")
+        self.assertTLSFailureDeferred(outcome, lines)
+        self.assertEqual(self.verify_errors(lines), [self.REVOKED])
+
+    async def test_crl_revoked_with_verify_falls_back_to_clear(self) -> None:
+        leaf = pki().leaf("localhost")
+        self.start_exim(leaf)
+        crl = pki().crl(revoked=[leaf])
+        outcome, lines = await self.send(f"  tls_crl = {crl}\n  tls_verify_hosts = *\n")
+        self.assertFellBackToClear(outcome, lines)
+        self.assertEqual(self.verify_errors(lines), [self.REVOKED])
+
+    async def test_crl_revoked_with_try_verify_is_delivered_unverified(self) -> None:
+        leaf = pki().leaf("localhost")
+        self.start_exim(leaf)
+        crl = pki().crl(revoked=[leaf])
+        outcome, lines = await self.send(f"  tls_crl = {crl}\n")
+        self.assertDelivered(outcome, lines, "no")
+        self.assertEqual(self.verify_errors(lines), [self.REVOKED])
+
+    async def test_crl_not_revoked_is_verified(self) -> None:
+        # The same CRL file, listing another leaf of the same intermediate.
+        self.start_exim(pki().leaf("localhost"))
+        crl = pki().crl(revoked=[pki().leaf("revoked.example")])
+        outcome, lines = await self.send(f"  tls_crl = {crl}\n  tls_verify_hosts = *\n"
+                                         "  hosts_require_tls = *\n")
+        self.assertDelivered(outcome, lines, "yes")
+        self.assertEqual(self.verify_errors(lines), [])
+        self.assertRegex(self.exim_received()[0], r" X=TLS1\.[23]:")
+
+    def intermediate_only_crl(self) -> str:
+        """A CRL file with the intermediate's CRL but not the root's."""
+        blocks = crl_blocks(pki().crl())
+        path = os.path.join(self.tmp, "intermediate-only-crl.pem")
+        with open(path, "w", encoding="ascii") as f:
+            f.write(blocks[1])
+        return path
+
+    async def test_crl_missing_for_a_ca_with_try_verify_is_unverified(self) -> None:
+        # CRL_CHECK_ALL wants a CRL from every CA in the chain: with only
+        # the intermediate's, the intermediate itself (depth 1, issued by
+        # the root) cannot be checked.
+        self.start_exim(pki().leaf("localhost"))
+        outcome, lines = await self.send(f"  tls_crl = {self.intermediate_only_crl()}\n")
+        self.assertDelivered(outcome, lines, "no")
+        self.assertEqual(self.verify_errors(lines), [
+            "[127.0.0.1] SSL verify error: depth=1 error=unable to get certificate CRL "
+            "cert=/C=UK/O=exim-py tests/CN=exim-py test intermediate CA"])
+
+    async def test_crl_missing_for_a_ca_with_verify_and_require_tls_defers(self) -> None:
+        self.start_exim(pki().leaf("localhost"))
+        outcome, lines = await self.send(f"  tls_crl = {self.intermediate_only_crl()}\n"
+                                         "  tls_verify_hosts = *\n  hosts_require_tls = *\n")
+        self.assertTLSFailureDeferred(outcome, lines)
+        self.assertEqual(self.verify_errors(lines), [
+            "[127.0.0.1] SSL verify error: depth=1 error=unable to get certificate CRL "
+            "cert=/C=UK/O=exim-py tests/CN=exim-py test intermediate CA"])
+
+    def crl_directory(self, revoked: list[Any]) -> str:
+        """tls_crl as a directory: each CA's CRL as <issuer hash>.r0, the
+        layout X509_LOOKUP_hash_dir reads (what c_rehash makes)."""
+        from OpenSSL import crypto
+        directory = os.path.join(self.tmp, "crls")
+        os.mkdir(directory)
+        blocks = crl_blocks(pki().crl(revoked=revoked))
+        for authority, block in zip((pki().root, pki().intermediate), blocks, strict=True):
+            with warnings.catch_warnings():
+                # X509_NAME_hash has no equivalent in cryptography.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                name = crypto.X509.from_cryptography(authority.certificate).get_subject()
+                subject_hash = name.hash()
+            with open(os.path.join(directory, f"{subject_hash:08x}.r0"), "w",
+                      encoding="ascii") as f:
+                f.write(block)
+        return directory
+
+    async def test_crl_directory_not_revoked_is_verified(self) -> None:
+        self.start_exim(pki().leaf("localhost"))
+        crl = self.crl_directory([pki().leaf("revoked.example")])
+        outcome, lines = await self.send(f"  tls_crl = {crl}\n  tls_verify_hosts = *\n")
+        self.assertDelivered(outcome, lines, "yes")
+        self.assertEqual(self.verify_errors(lines), [])
+
+    async def test_crl_directory_revoked_with_try_verify_is_unverified(self) -> None:
+        leaf = pki().leaf("localhost")
+        self.start_exim(leaf)
+        crl = self.crl_directory([leaf])
+        outcome, lines = await self.send(f"  tls_crl = {crl}\n")
+        self.assertDelivered(outcome, lines, "no")
+        self.assertEqual(self.verify_errors(lines), [self.REVOKED])
 
     async def test_require_tls_without_starttls_offered_defers(self) -> None:
         self.start_exim(None)

@@ -377,10 +377,12 @@ class DeliveryToEximTests(trial.TestCase):
         outcome, lines = await self.run_delivery(["a@y.test", "b@y.test"])
         self.assertEqual(outcome, COMPLETED, lines)
         self.assertEqual(len(lines), 3, lines)
-        self.assertRegex(lines[0], rf'^=> a@y\.test R=remote T=remote_smtp H=127\.0\.0\.1 '
-                         rf'\[127\.0\.0\.1\] C="250 OK id={ID}"$')
-        self.assertRegex(lines[1], rf'^-> b@y\.test R=remote T=remote_smtp H=127\.0\.0\.1 '
-                         rf'\[127\.0\.0\.1\] C="250 OK id={ID}"$')
+        # Exim offers CHUNKING: BDAT, " K", and its two-line reply to BDAT LAST.
+        confirmation = rf'C="250- (\d+) byte chunk, total \1\\\\n250 OK id={ID}"$'
+        self.assertRegex(lines[0], r'^=> a@y\.test R=remote T=remote_smtp H=127\.0\.0\.1 '
+                         r'\[127\.0\.0\.1\] K ' + confirmation)
+        self.assertRegex(lines[1], r'^-> b@y\.test R=remote T=remote_smtp H=127\.0\.0\.1 '
+                         r'\[127\.0\.0\.1\] K ' + confirmation)
         self.assertEqual(lines[2], "Completed")
         exim_id = re.search(rf"id=({ID})", lines[0]).group(1)
         messages = self.exim_messages()
@@ -471,11 +473,11 @@ class DeliveryToEximTests(trial.TestCase):
         self.assertEqual(outcome, COMPLETED, lines)
         self.assertEqual(sorted(lines[:3]), sorted([
             "** a@y.test R=remote T=remote_smtp H=127.0.0.1 [127.0.0.1]: SMTP error from "
-            "remote mail server after end of data: 550 content rejected",
+            "remote mail server after pipelined end of data: 550 content rejected",
             "** nosuch@y.test R=remote T=remote_smtp H=127.0.0.1 [127.0.0.1]: SMTP error "
             "from remote mail server after RCPT TO:<nosuch@y.test>: 550 no such user",
             "** b@y.test R=remote T=remote_smtp H=127.0.0.1 [127.0.0.1]: SMTP error from "
-            "remote mail server after end of data: 550 content rejected"]))
+            "remote mail server after pipelined end of data: 550 content rejected"]))
         self.assertEqual(sorted(a.address for a in self.bounced),
                          ["a@y.test", "b@y.test", "nosuch@y.test"])
         self.assertEqual(self.exim_messages(), [])
@@ -486,7 +488,7 @@ class DeliveryToEximTests(trial.TestCase):
         self.assertEqual(outcome, INCOMPLETE, lines)
         self.assertEqual(lines, [
             f"== {r} R=remote T=remote_smtp defer (-46) H=127.0.0.1 [127.0.0.1]: SMTP "
-            "error from remote mail server after end of data: 451 content deferred"
+            "error from remote mail server after pipelined end of data: 451 content deferred"
             for r in ("a@y.test", "b@y.test")])
 
     async def test_4xx_greeting_goes_to_the_next_host(self) -> None:

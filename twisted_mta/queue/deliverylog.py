@@ -92,6 +92,9 @@ def delivery_line(addr: DeliveryAddress, *, logchar: str, sender: str,
             text += f" A={addr.extra['authenticator']}"
         if "PRDR" in addr.extra.get("flags", ()):
             text += " PRDR"
+        if "K" in addr.extra.get("flags", ()):
+            # af_chunking_used: sent with BDAT (no log selector needed).
+            text += " K"
     if "smtp_confirmation" in selector and addr.confirmation and \
             (addr.host_used is not None or addr.extra.get("lmtp")):
         quoted = addr.confirmation[:1024].replace("\\", "\\\\").replace('"', '\\"')

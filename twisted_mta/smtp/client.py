@@ -23,9 +23,17 @@ L{SMTPClient.transaction} also asks for PRDR (``MAIL ... PRDR``, then the
 and appends the DSN parameters the caller builds (RET/ENVID on MAIL,
 NOTIFY/ORCPT on RCPT).
 
-Hook for later: AUTH is not implemented; it would go between
-L{SMTPClient.hello} and L{SMTPClient.transaction}, using
-L{SMTPClient.extensions}.
+CHUNKING (RFC 3030): given the chunks L{bdat_chunks} plans, the message
+goes as ``BDAT <n>`` commands (the last one ``BDAT <n> LAST``) instead of
+DATA, without dot-stuffing, as Exim's smtp_chunk_cmd_callback() and
+transport_write_message() send it; ``SMTPUTF8`` on MAIL is asked for by
+the caller (RFC 6531).
+
+L{SMTPClient.auth} runs one client authenticator's exchange (AUTH, after
+L{SMTPClient.hello}).
+
+Commands are sent as Latin-1: addresses and configuration text are bytes
+decoded that way throughout (an SMTPUTF8 address is its UTF-8 bytes).
 """
 
 from __future__ import annotations
@@ -303,6 +311,56 @@ class TransactionResult:
     prdr_requested: bool = False
     prdr: bool = False
     prdr_replies: list[Reply | None] = field(default_factory=list)
+    #: CHUNKING: whether the message went by BDAT, and the command whose
+    #: reply is ``data_reply`` (Exim's data_command, for PRDR messages).
+    chunking: bool = False
+    data_command: str = "DATA"
+
+
+#: Exim's DELIVER_OUT_BUFFER_SIZE: transport_write_message() sends the
+#: headers in a BDAT of their own when the message is bigger than this, and
+#: a header section longer than it in several.
+BDAT_BUFFER = 8192
+
+
+@dataclass
+class BDATChunk:
+    """One ``BDAT <size>`` and its data: *blocks* are bytes, or iterables
+    or async iterables of bytes, written in order."""
+
+    size: int
+    blocks: list[Any]
+
+
+def bdat_chunks(head: bytes, body: Any, body_size: int) -> list[BDATChunk]:
+    """Exim's choice of chunks for a message: *head* is the header section
+    as sent (CRLF lines), *body* the body's bytes (an iterable or async
+    iterable) and *body_size* their number.
+
+    Exim fills an 8 KiB buffer with the headers and sends it as a
+    non-last chunk whenever it holds more than 8190 bytes and more header
+    data follows (8191 bytes, or 8192 when the LF that crossed the line
+    became CRLF).  Then, if what is left of the headers plus the body is
+    more than 8192 bytes, the rest of the headers go as one more non-last
+    chunk, so that the RCPT replies are known before the body is sent; the
+    body (or the whole message) is the ``LAST`` chunk."""
+    chunks: list[BDATChunk] = []
+    start = 0
+    while True:
+        end = start + BDAT_BUFFER - 1
+        if head[end - 1:end + 1] == b"\r\n":
+            end += 1
+        if end >= len(head):
+            break
+        chunks.append(BDATChunk(end - start, [head[start:end]]))
+        start = end
+    rest = head[start:]
+    if rest and len(rest) + body_size > BDAT_BUFFER:
+        chunks.append(BDATChunk(len(rest), [rest]))
+        chunks.append(BDATChunk(body_size, [body]))
+    else:
+        chunks.append(BDATChunk(len(rest) + body_size, [rest, body]))
+    return chunks
 
 
 class SMTPClient:
@@ -329,7 +387,7 @@ class SMTPClient:
         if self.protocol.closed:
             raise SMTPClientError(f"Remote host closed connection in response to "
                                   f"{self._pl()}{self.last}", ERRNO_SMTPCLOSED)
-        self.transport.write(command.encode("utf-8", "surrogateescape") + b"\r\n")
+        self.transport.write(_wire(command) + b"\r\n")
         self.last = command
 
     def _pl(self) -> str:
@@ -415,6 +473,13 @@ class SMTPClient:
         reply = await self.read_reply()
         if reply.digit != "2":
             return reply
+        await self.handshake(creator, handshake_done)
+        return reply
+
+    async def handshake(self, creator: Any, handshake_done: tdefer.Deferred[None]) -> None:
+        """Start TLS with *creator* (after STARTTLS, or at once for
+        ``protocol = smtps``) and wait up to command_timeout for
+        *handshake_done*; raises L{TLSHandshakeError} when it fails."""
         if self.protocol.lines or self.protocol.buffer:
             # Data sent before the handshake: RFC 3207 forbids it.
             raise TLSHandshakeError("synch error before connect")
@@ -435,7 +500,6 @@ class SMTPClient:
         if protocol.closed:
             raise TLSHandshakeError(None, protocol.reason)
         self.extensions = {}
-        return reply
 
     def offers(self, keyword: str) -> bool:
         return keyword.upper() in self.extensions
@@ -467,8 +531,9 @@ class SMTPClient:
     async def transaction(self, sender: str, recipients: list[str],
                           data: Any, *, size: int | None = None,
                           eight_bit: bool = False, prdr: bool = False,
-                          mail_params: str = "",
-                          rcpt_params: list[str] | None = None) -> TransactionResult:
+                          smtputf8: bool = False, mail_params: str = "",
+                          rcpt_params: list[str] | None = None,
+                          chunks: list[BDATChunk] | None = None) -> TransactionResult:
         """MAIL, one RCPT each, DATA, the data (already dot-stuffed, CRLF,
         ending with ``.``) and the final reply.  Replies to RCPT are
         returned per recipient; a failure of MAIL, DATA or after it is in
@@ -476,9 +541,14 @@ class SMTPClient:
 
         *prdr*: ask for PRDR (``MAIL ... PRDR``) when the server offers it
         and there are two or more recipients (Exim's ``hosts_try_prdr``
-        has been checked by the caller).  *mail_params* (`` RET=...
-        ENVID=...``) is appended to MAIL after PRDR, and ``rcpt_params[i]``
-        (`` NOTIFY=... ORCPT=...``) to the i-th RCPT."""
+        has been checked by the caller).  *smtputf8*: add `` SMTPUTF8``
+        (after PRDR, as Exim orders them; the caller has checked the
+        offer).  *mail_params* (`` RET=... ENVID=...``) is appended to
+        MAIL after those, and ``rcpt_params[i]`` (`` NOTIFY=...
+        ORCPT=...``) to the i-th RCPT.
+
+        *chunks* (from L{bdat_chunks}): send the message with BDAT instead
+        (*data* is then unused); see L{_bdat}."""
         result = TransactionResult()
         pipelining = self.offers("PIPELINING")
         mail = f"MAIL FROM:<{sender}>"
@@ -489,15 +559,20 @@ class SMTPClient:
         if prdr and self.offers("PRDR") and len(recipients) >= 2:
             mail += " PRDR"
             result.prdr_requested = True
+        if smtputf8:
+            mail += " SMTPUTF8"
         mail += mail_params
         params = rcpt_params or [""] * len(recipients)
         rcpts = [f"RCPT TO:<{r}>{p}" for r, p in zip(recipients, params, strict=False)]
         try:
+            if chunks is not None:
+                if await self._bdat(result, mail, rcpts, chunks, pipelining):
+                    await self._final_reply(result)
+                return result
             if pipelining:
                 self.pipelining_active = True
                 self.transport.write(
-                    "".join(f"{c}\r\n" for c in [mail, *rcpts, "DATA"]).encode(
-                        "utf-8", "surrogateescape"))
+                    _wire("".join(f"{c}\r\n" for c in [mail, *rcpts, "DATA"])))
                 self.last = mail
             else:
                 self.send(mail)
@@ -536,21 +611,7 @@ class SMTPClient:
             self.last = "sending data block"
             await self._send_data(data)
             self.last = "end of data"
-            reply = await self.read_reply(self.settings.final_timeout)
-            if result.prdr_requested and reply.digit == "3":
-                # 353: one reply per accepted recipient, in RCPT order, then
-                # the overall reply (a 2xx instead of the 3xx: no PRDR).
-                result.prdr = True
-                for rcpt_reply in result.rcpt_replies:
-                    if rcpt_reply is not None and rcpt_reply.digit == "2":
-                        result.prdr_replies.append(
-                            await self.read_reply(self.settings.final_timeout))
-                    else:
-                        result.prdr_replies.append(None)
-                reply = await self.read_reply(self.settings.final_timeout)
-            result.data_reply = reply
-            if reply.digit != "2":
-                result.error = self.error_reply(reply)
+            await self._final_reply(result)
         except SMTPClientError as e:
             result.error = e
         finally:
@@ -558,6 +619,98 @@ class SMTPClient:
             result.bytes_written = self.count
             self.count = 0
         return result
+
+    async def _final_reply(self, result: TransactionResult) -> None:
+        """The reply to the final dot or to ``BDAT ... LAST`` (final_timeout);
+        after PRDR's 353, the per-recipient replies and the overall one."""
+        reply = await self.read_reply(self.settings.final_timeout)
+        if result.prdr_requested and reply.digit == "3":
+            # 353: one reply per accepted recipient, in RCPT order, then
+            # the overall reply (a 2xx instead of the 3xx: no PRDR).
+            result.prdr = True
+            for rcpt_reply in result.rcpt_replies:
+                if rcpt_reply is not None and rcpt_reply.digit == "2":
+                    result.prdr_replies.append(
+                        await self.read_reply(self.settings.final_timeout))
+                else:
+                    result.prdr_replies.append(None)
+            reply = await self.read_reply(self.settings.final_timeout)
+        result.data_reply = reply
+        if reply.digit != "2":
+            result.error = self.error_reply(reply)
+
+    async def _bdat(self, result: TransactionResult, mail: str, rcpts: list[str],
+                    chunks: list[BDATChunk], pipelining: bool) -> bool:
+        """MAIL, the RCPTs and the chunks, as Exim's smtp transport with
+        CHUNKING: True when ``BDAT ... LAST`` and its data have been sent
+        (its reply is next), False when the transaction ended before.
+
+        Without PIPELINING, MAIL and each RCPT wait for their reply, and no
+        BDAT is sent when no recipient was accepted.  With it, MAIL and the
+        RCPTs go with the first BDAT and its data, and their replies are
+        read after that chunk (before its own reply, which for a non-last
+        chunk comes next).  A non-last chunk's reply is waited for with
+        command_timeout before the next chunk is sent.  Exim names what
+        failed after its data stage: errors and timeouts of the pipelined
+        MAIL too are ``after [pipelined ]sending data block`` or ``after
+        [pipelined ]end of data``."""
+        result.chunking = True
+        pending: list[str] = []
+        commands = ""
+        if pipelining:
+            self.pipelining_active = True
+            pending = [mail, *rcpts]
+            commands = "".join(f"{c}\r\n" for c in pending)
+        else:
+            self.send(mail)
+            reply = await self.read_reply(command=mail)
+            if reply.digit != "2":
+                result.error = self.error_reply(reply, mail)
+                return False
+            for command in rcpts:
+                self.send(command)
+                result.rcpt_replies.append(await self.read_reply(command=command))
+            if not any(r.digit == "2" for r in result.rcpt_replies if r is not None):
+                return False
+        for number, chunk in enumerate(chunks, 1):
+            last = number == len(chunks)
+            command = f"BDAT {chunk.size}{' LAST' if last else ''}"
+            self.transport.write(_wire(f"{commands}{command}\r\n"))
+            commands = ""
+            self.last = "sending data block"
+            for block in chunk.blocks:
+                await self._send_data([block] if isinstance(block, bytes) else block)
+            if last:
+                result.data_command = command
+                self.last = "end of data"
+            if pending and not await self._reap(result, pending):
+                return False
+            pending = []
+            if last:
+                return True
+            reply = await self.read_reply()
+            if reply.digit != "2":
+                result.error = self.error_reply(reply)
+                return False
+            self.pipelining_active = False
+        return True
+
+    async def _reap(self, result: TransactionResult, pending: list[str]) -> bool:
+        """The replies to the pipelined MAIL and RCPTs (Exim's
+        sync_responses()); False when MAIL was refused (``error``), the
+        RCPT replies then being read and dropped."""
+        reply = await self.read_reply(command=self.last)
+        if reply.digit != "2":
+            result.error = self.error_reply(reply)
+            try:
+                for command in pending[1:]:
+                    await self.read_reply(command=command)
+            except SMTPClientError:
+                pass
+            return False
+        for command in pending[1:]:
+            result.rcpt_replies.append(await self.read_reply(command=command))
+        return True
 
     async def _send_data(self, data: Any) -> None:
         """Write the data (bytes blocks, from an iterable or an async
@@ -601,6 +754,17 @@ class SMTPClient:
             self.transport.loseConnection()
         except Exception:
             pass
+
+
+def _wire(text: str) -> bytes:
+    """A command's bytes.  Addresses from the spool are bytes decoded as
+    Latin-1 (an SMTPUTF8 address is its UTF-8 bytes that way), so Latin-1
+    gives them back unchanged; text beyond Latin-1 can only be real
+    Unicode (from an expansion), sent as UTF-8."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
 
 
 def _extensions(reply: Reply) -> dict[str, str]:

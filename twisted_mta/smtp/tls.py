@@ -445,8 +445,17 @@ class ServerTLS:
 
 # -- names and variables -----------------------------------------------------
 
+# X509_verify_cert_error_string() texts that changed after OpenSSL 3.0, the
+# library an Exim 4.96 is linked with: Exim's texts are kept.
+_EXIM_VERIFY_ERROR_TEXTS = {
+    9: "certificate is not yet valid",      # X509_V_ERR_CERT_NOT_YET_VALID
+}
+
+
 def _verify_error_text(errnum: int) -> str:
     """OpenSSL's text for a certificate verification error number."""
+    if errnum in _EXIM_VERIFY_ERROR_TEXTS:
+        return _EXIM_VERIFY_ERROR_TEXTS[errnum]
     try:
         # Not public in pyOpenSSL, but the binding carries it.
         from OpenSSL._util import ffi, lib

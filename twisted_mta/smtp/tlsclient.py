@@ -19,6 +19,13 @@ Each failure is recorded as Exim logs it (``SSL verify error: depth=0
 error=... cert=...``, ``SSL verify error: certificate name mismatch:
 DN="..." H="..."``), for the caller to write with ``[ip]`` in front.
 
+With ``ocsp`` set to ``request`` or ``require`` (the host is in
+``hosts_request_ocsp`` or ``hosts_require_ocsp``) the client asks for a
+stapled OCSP response and judges it with ``twisted_mta.smtp.stapling``; a
+host that must staple and sends nothing or a bad response fails the
+handshake.  The verdict is ``$tls_out_ocsp`` and its log lines wait in
+``ClientTLSSession.ocsp_log`` for the caller.
+
 Host names are checked with service_identity (subjectAltName DNS names, a
 single leading wildcard label; the subject CN only when there is no SAN,
 which is what OpenSSL's X509_check_host does too).
@@ -26,10 +33,13 @@ which is what OpenSSL's X509_check_host does too).
 
 from __future__ import annotations
 
+import datetime
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.cryptography import (
@@ -40,8 +50,12 @@ from twisted.internet import defer as tdefer
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
+from twisted_mta.smtp.stapling import StapleVerdict, judge_staple, no_staple
 from twisted_mta.smtp.tls import (
     _CONTEXT_OPTIONS,
+    OCSP_FAILED,
+    OCSP_NOT_REQ,
+    OCSP_NOT_RESP,
     TLSConfigError,
     _oneline,
     _openssl_reason,
@@ -60,7 +74,9 @@ class ClientTLSOptions:
 
     ``verify`` is ``require`` (host in tls_verify_hosts), ``try`` (in
     tls_try_verify_hosts) or ``none``; ``check_hostnames`` is the name the
-    leaf must carry (host in tls_verify_cert_hostnames), else None."""
+    leaf must carry (host in tls_verify_cert_hostnames), else None.
+    ``ocsp`` is ``require`` (host in hosts_require_ocsp), ``request``
+    (hosts_request_ocsp) or ``none``."""
 
     verify_certificates: str | None = "system"
     verify: str = "try"
@@ -70,6 +86,7 @@ class ClientTLSOptions:
     privatekey: str | None = None
     require_ciphers: str | None = None
     crl: str | None = None
+    ocsp: str = "none"
 
 
 @dataclass(eq=False)
@@ -81,6 +98,8 @@ class ClientTLSSession:
     verify_errors: list[str] = field(default_factory=list)
     handshake_done: tdefer.Deferred[None] = field(default_factory=tdefer.Deferred)
     connection: SSL.Connection | None = None
+    ocsp_status: int = OCSP_NOT_REQ
+    ocsp_log: list[str] = field(default_factory=list)
     contexts: list[SSL.Context] = field(default_factory=list, repr=False)
 
 
@@ -94,7 +113,8 @@ def _load_context(options: ClientTLSOptions) -> SSL.Context:
             context.set_cipher_list(options.require_ciphers.encode())
         except SSL.Error as exc:
             raise TLSConfigError(f"(SSL_CTX_set_cipher_list): {_openssl_reason(exc)}") from None
-    if options.verify != "none":
+    if options.verify != "none" or options.ocsp != "none":
+        # The anchors also vouch for an OCSP response's signer.
         cas = options.verify_certificates or "system"
         context.set_default_verify_paths()
         if cas != "system" and not cas.startswith("system,"):
@@ -109,9 +129,16 @@ def _load_context(options: ClientTLSOptions) -> SSL.Context:
                 raise TLSConfigError(f"(SSL_CTX_load_verify_locations file={cas}): "
                                      f"{_openssl_reason(exc)}") from None
         if options.crl:
+            # Exim's setup_certs(): stat first; a directory is a hashed one.
+            if not os.path.exists(options.crl):
+                raise TLSConfigError(
+                    f"failed to stat {options.crl} for certificates revocation lists")
             store = context.get_cert_store()
             try:
-                store.load_locations(options.crl)
+                if os.path.isdir(options.crl):
+                    store.load_locations(None, options.crl)
+                else:
+                    store.load_locations(options.crl)
             except crypto.Error as exc:
                 raise TLSConfigError(f"(X509_STORE_load_locations file={options.crl}): "
                                      f"{_openssl_reason(exc)}") from None
@@ -149,10 +176,14 @@ class ClientTLS:
     Build it (``TLSConfigError`` for an unusable file) before sending
     STARTTLS; ``session`` tells how the handshake went."""
 
-    def __init__(self, options: ClientTLSOptions) -> None:
+    def __init__(self, options: ClientTLSOptions,
+                 now: Callable[[], datetime.datetime] | None = None) -> None:
         self.options = options
         self.context = _load_context(options)
         self.session = ClientTLSSession(options)
+        self._now = now or (lambda: datetime.datetime.now(datetime.UTC))
+        if options.ocsp != "none":
+            self.context.set_ocsp_client_callback(self._staple)
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         options, session = self.options, self.session
@@ -166,6 +197,9 @@ class ClientTLS:
         if options.sni:
             connection.set_tlsext_host_name(options.sni.encode("idna"))
         connection.set_info_callback(self._info)
+        if options.ocsp != "none":
+            connection.request_ocsp()
+            session.ocsp_status = OCSP_NOT_RESP
         session.connection = connection
         session.contexts.append(context)
         return connection
@@ -175,6 +209,40 @@ class ClientTLS:
             done = self.session.handshake_done
             if not done.called:
                 done.callback(None)
+
+    def _staple(self, connection: SSL.Connection, data: bytes, _: Any) -> bool:
+        """OpenSSL's status callback: False ends the handshake."""
+        required = self.options.ocsp == "require"
+        if not data:
+            verdict = no_staple(required)
+        else:
+            chain = [c.to_cryptography() for c in connection.get_peer_cert_chain() or []]
+            try:
+                verdict = judge_staple(data, chain, self._chains_to_anchor, self._now())
+            except Exception:  # noqa: BLE001 - hostile bytes must not end the client
+                verdict = StapleVerdict(OCSP_FAILED, "Received TLS cert status response, "
+                                        "parse error", fatal=True)
+        session = self.session
+        session.ocsp_status = verdict.status
+        if verdict.log:
+            session.ocsp_log.append(verdict.log)
+        if verdict.fatal:
+            return False
+        return verdict.good or not required
+
+    def _chains_to_anchor(self, certificate: x509.Certificate,
+                          untrusted: Sequence[x509.Certificate]) -> bool:
+        store = self.context.get_cert_store()
+        if store is None:
+            return False
+        check = crypto.X509StoreContext(
+            store, crypto.X509.from_cryptography(certificate),
+            [crypto.X509.from_cryptography(c) for c in untrusted])
+        try:
+            check.verify_certificate()
+        except crypto.X509StoreContextError:
+            return False
+        return True
 
     def _verify(self, connection: SSL.Connection, cert: crypto.X509, errnum: int,
                 depth: int, ok: int) -> bool:
@@ -231,5 +299,5 @@ def tls_out_variables(session: ClientTLSSession) -> dict[str, str]:
         "tls_out_sni": raw_sni,
         "tls_out_ver": version if name else "",
         "tls_out_resumption": "0",
-        "tls_out_ocsp": "0",
+        "tls_out_ocsp": str(session.ocsp_status),
     }

@@ -37,19 +37,24 @@ AUTH (client side, ``hosts_try_auth``/``hosts_require_auth``, the
 ``plaintext`` driver's ``client_send``, ``authenticated_sender``): see
 doc/smtp-transport.md, "AUTH".
 
-Not yet: CHUNKING, SMTPUTF8, more
-than one message per connection, ``hosts_max_try``, ``serialize_hosts``,
-``hosts_avoid_esmtp`` ..., OCSP, transport filters.
+CHUNKING (BDAT) and SMTPUTF8 (with downconversion): "CHUNKING and
+SMTPUTF8".  OCSP stapling and ``protocol = smtps``: doc/ocsp.md.
+
+Not yet: ``hosts_max_try``, ``serialize_hosts``, ``hosts_avoid_esmtp`` ...,
+transport filters.
 """
 
 from __future__ import annotations
 
+import datetime
 import errno as E
 import ipaddress
 import os
 import socket
+from dataclasses import replace
 from typing import Any
 
+import idna
 from zope.interface import implementer
 
 from twisted_mta.dsn import dsn_data
@@ -63,9 +68,11 @@ from twisted_mta.smtp.auth import expand_check_condition
 from twisted_mta.smtp.client import (
     ClientSettings,
     ConnectError,
+    Reply,
     SMTPClient,
     SMTPClientError,
     TLSHandshakeError,
+    bdat_chunks,
     connect,
     connect_socks,
 )
@@ -229,7 +236,9 @@ class SmtpTransport:
         if isinstance(hosts, Outcome):
             return hosts
         try:
-            port_text = await expand(job, str(instance.get("port") or "smtp"))
+            # Exim's default port follows the protocol (smtps: 465).
+            port_text = await expand(job, str(instance.options.get("port") or (
+                "smtps" if _smtps(instance) else "smtp")))
             helo = await expand(job, str(instance.get("helo_data") or "$primary_hostname"))
             interface = instance.get("interface")
             interface = await expand(job, str(interface)) if interface else None
@@ -271,6 +280,11 @@ class SmtpTransport:
             _apply(outcome, deferred)
         await attempt.defer_event(outcome)
         return None
+
+
+def _smtps(instance: Any) -> bool:
+    """``protocol = smtps``: TLS from the start of the connection."""
+    return str(instance.get("protocol") or "smtp").lower() == "smtps"
 
 
 def _size_and_8bit(job: Any) -> tuple[int, bool]:
@@ -348,6 +362,7 @@ class _Attempt:
             done, outcome = await self._try_host(shown, port)
             if not done and outcome is not None and outcome.errno == ERRNO_TLSFAILURE \
                     and self.instance.get("tls_tempfail_tryclear", True) \
+                    and not _smtps(self.instance) \
                     and not await self._host_in("hosts_require_tls", shown):
                 # Exim closes the connection (its state is unknown) and tries
                 # the same host in clear on a new one.
@@ -461,62 +476,38 @@ class _Attempt:
             verify = "none"
         check = host.name if verify != "none" and \
             await self._host_in("tls_verify_cert_hostnames", host) else None
+        if await self._host_in("hosts_require_ocsp", host):
+            ocsp = "require"
+        elif await self._host_in("hosts_request_ocsp", host):
+            ocsp = "request"
+        else:
+            ocsp = "none"
         return ClientTLSOptions(
             verify_certificates=values["tls_verify_certificates"] or "system",
             verify=verify, check_hostnames=check, sni=values["tls_sni"] or None,
             certificate=values["tls_certificate"] or None,
             privatekey=values["tls_privatekey"] or None,
             require_ciphers=values["tls_require_ciphers"] or None,
-            crl=values["tls_crl"] or None)
+            crl=values["tls_crl"] or None, ocsp=ocsp)
 
     async def _starttls(self, client: SMTPClient, host: Host,
                         suppress_tls: bool) -> Outcome | None:
         """STARTTLS when offered and wanted, then EHLO again; None to go on
         with the transaction (encrypted or in clear), else the host's
         outcome.  Raises SMTPClientError for a broken dialogue."""
-        job = self.job
         require = await self._host_in("hosts_require_tls", host)
         offered = client.offers("STARTTLS")
         if offered and not suppress_tls and not await self._host_in("hosts_avoid_tls", host):
-            options = await self._tls_options(host)
-            if isinstance(options, Outcome):
-                return options
-            try:
-                creator = ClientTLS(options)
-            except TLSConfigError as e:
-                creator, problem = None, str(e)
-            if creator is None:
-                # Exim reads its files in tls_client_start(), after STARTTLS.
-                return Outcome(C.DEFER, f"TLS session: {problem}", ERRNO_TLSFAILURE,
-                               _more_errno(host), extra={"last_host": host})
-            try:
-                reply = await client.starttls(creator, creator.session.handshake_done)
-            except TLSHandshakeError as e:
-                self._log_verify_errors(host, creator.session.verify_errors)
-                text = e.text or handshake_error_text(e.reason)
-                return Outcome(C.DEFER, f"TLS session: {text}", ERRNO_TLSFAILURE,
-                               _more_errno(host), extra={"last_host": host})
-            if reply.digit == "2":
-                if await self._tls_cert_events(host, creator.session) \
-                        and options.verify == "require":
-                    # Exim's verify callback fails the handshake here.
-                    return Outcome(C.DEFER, "TLS session: (SSL_connect): error:0A000086:"
-                                   "SSL routines::certificate verify failed",
-                                   ERRNO_TLSFAILURE, _more_errno(host),
-                                   extra={"last_host": host})
-                self._log_verify_errors(host, creator.session.verify_errors)
-                variables = tls_out_variables(creator.session)
-                job.ctx.variables.update(variables)
-                for address in self.addresses:
-                    address.extra["tls_cipher"] = variables["tls_out_cipher"]
-                    address.extra["tls_cv"] = variables["tls_out_certificate_verified"] == "1"
-                    address.extra["tls_peerdn"] = variables["tls_out_peerdn"]
+            result = await self._start_tls(client, host, starttls=True)
+            if isinstance(result, Outcome):
+                return result
+            if result is None:
                 hello = await client.hello(self.helo)
                 for address in self.addresses:
                     address.extra[HELO_RESPONSE] = hello.text
                 return None
-            if reply.digit == "4" and not self.instance.get("tls_tempfail_tryclear", True):
-                raise client.error_reply(reply, "STARTTLS")
+            if result.digit == "4" and not self.instance.get("tls_tempfail_tryclear", True):
+                raise client.error_reply(result, "STARTTLS")
         if require:
             what = "an attempt to start TLS failed" if offered \
                 else "the server did not offer TLS support"
@@ -524,6 +515,61 @@ class _Attempt:
             return Outcome(C.DEFER, f"a TLS session is required, but {what}",
                            ERRNO_TLSREQUIRED, _more_errno(host), extra={"last_host": host})
         return None
+
+    async def _start_tls(self, client: SMTPClient, host: Host,
+                         starttls: bool) -> Outcome | Reply | None:
+        """A TLS session on *client*: after a STARTTLS command, or at once
+        (``protocol = smtps``).  None when it is up (``$tls_out_*`` set and
+        the addresses told); the host's outcome when it failed; the
+        STARTTLS reply when that was not a 2xx."""
+        def failed(text: str) -> Outcome:
+            return Outcome(C.DEFER, f"TLS session: {text}", ERRNO_TLSFAILURE,
+                           _more_errno(host), extra={"last_host": host})
+
+        options = await self._tls_options(host)
+        if isinstance(options, Outcome):
+            return options
+        clock = self.job.clock
+        try:
+            creator = ClientTLS(options, now=lambda: datetime.datetime.fromtimestamp(
+                clock.seconds(), datetime.UTC))
+        except TLSConfigError as e:
+            # Exim reads its files in tls_client_start(), after STARTTLS.
+            return failed(str(e))
+        session = creator.session
+        try:
+            if starttls:
+                reply = await client.starttls(creator, session.handshake_done)
+                if reply.digit != "2":
+                    return reply
+            else:
+                await client.handshake(creator, session.handshake_done)
+        except TLSHandshakeError as e:
+            self._log_verify_errors(host, session.verify_errors)
+            self._log_ocsp(session)
+            # The host's defer event sees the stapling verdict, as in Exim.
+            self.job.ctx.variables["tls_out_ocsp"] = str(session.ocsp_status)
+            return failed(e.text or handshake_error_text(e.reason))
+        self._log_ocsp(session)
+        if await self._tls_cert_events(host, session) and options.verify == "require":
+            # Exim's verify callback fails the handshake here.
+            return failed("(SSL_connect): error:0A000086:SSL routines::certificate verify "
+                          "failed")
+        self._log_verify_errors(host, session.verify_errors)
+        variables = tls_out_variables(session)
+        self.job.ctx.variables.update(variables)
+        for address in self.addresses:
+            address.extra["tls_cipher"] = variables["tls_out_cipher"]
+            address.extra["tls_cv"] = variables["tls_out_certificate_verified"] == "1"
+            address.extra["tls_peerdn"] = variables["tls_out_peerdn"]
+        return None
+
+    def _log_ocsp(self, session: Any) -> None:
+        """The stapling verdict's lines (Exim writes them from its status
+        callback, before the delivery's own lines)."""
+        if self.job.log is not None:
+            for text in session.ocsp_log:
+                self.job.log.write(text, ("main",), self.job.message_id)
 
     async def _tls_cert_events(self, host: Host, session: Any) -> bool:
         """``tls:cert`` for each certificate of the server's chain, from
@@ -659,6 +705,11 @@ class _Attempt:
                         suppress_tls: bool = False) -> tuple[bool, Outcome | None]:
         job = self.job
         addresses = self.addresses
+        if _smtps(self.instance):
+            # TLS on connect: a failed handshake is never retried in clear.
+            started = await self._start_tls(client, host, starttls=False)
+            if isinstance(started, Outcome):
+                return False, started
         try:
             greeting = await client.greeting()
             for address in addresses:
@@ -672,7 +723,8 @@ class _Attempt:
             hello = await client.hello(self.helo)
             for address in addresses:
                 address.extra[HELO_RESPONSE] = hello.text
-            tls_outcome = await self._starttls(client, host, suppress_tls)
+            tls_outcome = None if _smtps(self.instance) else \
+                await self._starttls(client, host, suppress_tls)
             if tls_outcome is not None:
                 return False, tls_outcome
         except SMTPClientError as e:
@@ -693,10 +745,23 @@ class _Attempt:
         if isinstance(auth_outcome, Outcome):
             await client.quit()
             return False, auth_outcome
+        # SMTPUTF8 (Exim checks it once the connection is set up, after AUTH):
+        # ask for it, or downconvert the envelope to A-labels, or fail.
+        smtputf8 = downconvert = False
+        if self.message.smtputf8:
+            mode = await _utf8_downconvert_mode(job, self.instance, self.message)
+            if isinstance(mode, Outcome):
+                await client.quit()
+                return False, mode
+            if mode == 0 and not client.offers("SMTPUTF8"):
+                await client.quit()
+                return False, Outcome(C.FAIL, "utf8 support required but not offered for "
+                                      "forwarding", ERRNO_UTF8_FWD, _more_errno(host),
+                                      extra={"last_host": host})
+            smtputf8 = mode != 1 and client.offers("SMTPUTF8")
+            downconvert = not smtputf8
         include = bool(self.instance.get("rcpt_include_affixes"))
         recipients = [rcpt_address(a, include) for a in addresses]
-        stream = MessageStream(self.headers, job.data_path, self.options,
-                               wireformat=bool(job.message.wireformat))
         dsn_offered = client.offers("DSN")
         mail_params, rcpt_params = _dsn_params(job, addresses, dsn_offered)
         mail_auth = await self._mail_auth(auth_outcome)
@@ -704,13 +769,28 @@ class _Attempt:
             await client.quit()
             return False, mail_auth
         mail_params += mail_auth
+        sender = self.return_path
+        if downconvert:
+            try:
+                sender = _address_to_alabel(sender)
+                recipients = [_address_to_alabel(r) for r in recipients]
+            except UnicodeError as e:
+                await client.quit()
+                return False, Outcome(C.DEFER, str(e), C.ERRNO_EXPANDFAIL)
         for address in addresses:
             address.extra[DSN_AWARE] = dsn_offered
         prdr = client.offers("PRDR") and await self._host_in("hosts_try_prdr", host)
-        result = await client.transaction(self.return_path, recipients,
-                                          _chunks(job, stream), size=self.size,
+        chunks = None
+        data = None
+        if client.offers("CHUNKING") and await self._host_in("hosts_try_chunking", host):
+            chunks = await _bdat_chunks(job, self.headers, self.options)
+        else:
+            data = _chunks(job, MessageStream(self.headers, job.data_path, self.options,
+                                              wireformat=bool(job.message.wireformat)))
+        result = await client.transaction(sender, recipients, data, size=self.size,
                                           eight_bit=self.eight_bit, prdr=prdr,
-                                          mail_params=mail_params, rcpt_params=rcpt_params)
+                                          smtputf8=smtputf8, mail_params=mail_params,
+                                          rcpt_params=rcpt_params, chunks=chunks)
         accepted: list[DeliveryAddress] = []
         for address, recipient, reply in zip(addresses, recipients,
                                              result.rcpt_replies + [None] * len(addresses),
@@ -773,7 +853,10 @@ class _Attempt:
                 await client.quit()
             return True, None
         if result.data_reply is not None:
-            confirmation = result.data_reply.text.replace("\n", " ")
+            # string_printing(): a multi-line reply (Exim's to BDAT LAST is
+            # "250- <n> byte chunk, total <n>" and "250 OK id=...") keeps its
+            # lines apart with a literal backslash-n.
+            confirmation = _printing(result.data_reply)
             for address in accepted:
                 if result.prdr:
                     # The recipient's reply and the overall one, joined with a
@@ -781,6 +864,8 @@ class _Attempt:
                     confirmation = (address.extra.pop(_PRDR_RESULT, "") + "\\n"
                                     + _printing(result.data_reply))
                     address.extra.setdefault("flags", []).append("PRDR")
+                if result.chunking:
+                    address.extra.setdefault("flags", []).append("K")
                 address.succeed(confirmation, host=host)
         for address in addresses:
             address.extra.pop(_PRDR_RESULT, None)
@@ -870,7 +955,7 @@ class _Attempt:
     def _prdr_results(self, result: Any, addresses: list[DeliveryAddress],
                       accepted: list[DeliveryAddress], host: Host) -> None:
         """Apply the per-recipient replies after PRDR's 353 (Exim's
-        ``PRDR error after DATA: ...``; a deferral has errno 0 and an
+        ``PRDR error after DATA: ...``, or ``BDAT <n> LAST`` with CHUNKING; a deferral has errno 0 and an
         address retry record).  The reply of a recipient that got a 2xx is
         kept (under _PRDR_RESULT) for its confirmation."""
         replies = dict(zip(map(id, addresses), result.prdr_replies, strict=False))
@@ -881,7 +966,7 @@ class _Attempt:
             if reply.digit == "2":
                 address.extra[_PRDR_RESULT] = _printing(reply)
                 continue
-            message = f"PRDR error after DATA: {_printing(reply)}"
+            message = f"PRDR error after {result.data_command}: {_printing(reply)}"
             address.extra[PASS_MESSAGE] = True
             address.extra[_PRDR_RESULT] = ""
             if reply.digit == "5":
@@ -1011,4 +1096,70 @@ async def _chunks(job: Any, stream: MessageStream) -> Any:
             return
         yield chunk
 
+
+
+
+#: Exim's ERRNO_UTF8_FWD (macros.h): the message needs SMTPUTF8, the host
+#: does not offer it and downconversion is not allowed.
+ERRNO_UTF8_FWD = -49
+
+
+async def _utf8_downconvert_mode(job: Any, instance: Any, message: Any) -> int | Outcome:
+    """For a message received with SMTPUTF8: 1 to downconvert the envelope
+    to A-labels, -1 to do so only when the host does not offer SMTPUTF8,
+    0 never (Exim's utf8_downcvt/utf8_downcvt_maybe).  The message's
+    value (ACL ``control = utf8_downconvert``) is overridden by the
+    transport's ``utf8_downconvert`` when that expands to 1, 0 or -1."""
+    mode = int(message.utf8_downconvert)
+    raw = instance.get("utf8_downconvert")
+    if raw is None:
+        return mode
+    try:
+        value = await expand(job, str(raw))
+    except ExpansionError as e:
+        return Outcome(C.DEFER, f"failed to expand utf8_downconvert: {e.message}",
+                       C.ERRNO_EXPANDFAIL)
+    # Exim looks at the first character only ("-" needs a "1" after it).
+    if value.startswith("1"):
+        return 1
+    if value.startswith("0"):
+        return 0
+    if value.startswith("-1"):
+        return -1
+    return mode
+
+
+def _address_to_alabel(address: str) -> str:
+    """Exim's string_address_utf8_to_alabel(): a non-ASCII local part
+    becomes ``xn--`` and its Punycode, a non-ASCII domain its IDNA
+    (UTS #46, non-transitional, as libidn2's lookup) A-labels.  Raises
+    UnicodeError when either cannot be converted."""
+    # Spool addresses are their bytes decoded as Latin-1: UTF-8 underneath.
+    local, at, domain = address.encode("latin-1").decode("utf-8").partition("@")
+    if not local.isascii():
+        local = "xn--" + local.encode("punycode").decode("ascii")
+    if at and not domain.isascii():
+        try:
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        except idna.IDNAError as e:
+            raise UnicodeError(str(e)) from None
+    return f"{local}{at}{domain}"
+
+
+async def _bdat_chunks(job: Any, headers: str | None, options: WriteOptions) -> list[Any]:
+    """The message as BDAT chunks (see twisted_mta.smtp.client.bdat_chunks):
+    what DATA would send but without dot-stuffing or the final dot, as
+    Exim clears check_string and topt_end_dot for CHUNKING.  The body's
+    size must be known before it is sent: it is measured by producing it
+    once in the thread pool (exact whatever the line-ending conversion)."""
+    plain = replace(options, check_string=None, escape_string=None, end_dot=False)
+    wireformat = bool(job.message.wireformat)
+    head = b"".join(MessageStream(headers, job.data_path, replace(plain, no_body=True),
+                                  wireformat=wireformat))
+
+    def body() -> MessageStream:
+        return MessageStream(None, job.data_path, plain, wireformat=wireformat)
+
+    size = await C.run_blocking(job, lambda: sum(len(chunk) for chunk in body()))
+    return bdat_chunks(head, _chunks(job, body()), size)
 
