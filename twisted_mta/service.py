@@ -297,6 +297,7 @@ class MTAService(service.MultiService):
         from twisted_mta.queue.deliver import DeliverySettings
         from twisted_mta.queue.retry import RetryRules, open_retry_database
         from twisted_mta.queue.runner import QueueRunner
+        from twisted_mta.queue.waiting import WaitingDatabase
 
         settings = self.settings
         delivery = DeliverySettings(self.config, settings.spool, settings.log, self.reactor,
@@ -306,7 +307,10 @@ class MTAService(service.MultiService):
                                     retry=open_retry_database(
                                         settings.spool.directory, RetryRules(self.config),
                                         run_io=self.threadpool.callInThread,
-                                        clock=self.reactor))
+                                        clock=self.reactor),
+                                    waiting=WaitingDatabase(
+                                        settings.spool.directory,
+                                        run_io=self.threadpool.callInThread))
         self.queue_runner = QueueRunner(delivery, interval=self.queue_interval)
         self.queue_runner.setServiceParent(self)
         settings.on_message = self.queue_runner.deliver_now

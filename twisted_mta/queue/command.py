@@ -23,6 +23,7 @@ def _settings(config: Any, reactor: Any, threadpool: Any) -> DeliverySettings:
     from twisted_mta.dns import Resolver
     from twisted_mta.log import EximLog, SyncLogWriter
     from twisted_mta.queue.retry import RetryRules, open_retry_database
+    from twisted_mta.queue.waiting import WaitingDatabase
     from twisted_mta.spool.ids import MessageIdAllocator
     from twisted_mta.spool.store import Spool
 
@@ -34,7 +35,8 @@ def _settings(config: Any, reactor: Any, threadpool: Any) -> DeliverySettings:
                             id_allocator=MessageIdAllocator(reactor.seconds, os.getpid(),
                                                             config.get("localhost_number")),
                             retry=open_retry_database(spool.directory, RetryRules(config),
-                                                      clock=reactor))
+                                                      clock=reactor),
+                            waiting=WaitingDatabase(spool.directory))
 
 
 def run_with_reactor(config: Any,

@@ -75,6 +75,9 @@ class DeliverySettings:
     transports: dict[str, Any] | None = None
     #: Ids being delivered in this process.
     active: set[str] = field(default_factory=set)
+    #: The wait-<transport> hints (L{twisted_mta.queue.waiting.WaitingDatabase});
+    #: None: no connection is handed on to waiting messages.
+    waiting: Any = None
 
 
 @dataclass
@@ -93,7 +96,7 @@ class MessageDelivery:
     def __init__(self, settings: DeliverySettings, message_id: str, *,
                  force: bool = False, thaw: bool = False,
                  queue_running: bool = False, give_up: bool = False,
-                 dont_deliver: bool = False) -> None:
+                 dont_deliver: bool = False, continued: Any = None) -> None:
         self.settings = settings
         self.config = settings.config
         self.message_id = message_id
@@ -105,6 +108,11 @@ class MessageDelivery:
         self.give_up = give_up
         #: -N: route, but bypass the transports.
         self.dont_deliver = dont_deliver
+        #: A connection another delivery handed on (the smtp transport's
+        #: ContinuedConnection), for this message's deliveries to its host.
+        self.continued = continued
+        #: Connections the smtp transport left open for waiting messages.
+        self._parked: list[Any] = []
         self.selector = getattr(settings.log, "selectors", frozenset())
         self._fd: int | None = None
         self._ctx: Any = None
@@ -128,9 +136,50 @@ class MessageDelivery:
     # -- the attempt ------------------------------------------------------------------
 
     async def run(self) -> DeliveryResult:
-        result = await self._run_locked()
+        try:
+            result = await self._run_locked()
+        except BaseException:
+            for connection in self._parked:
+                await connection.close()
+            raise
+        await self._hand_on()
         await self._deliver_new(result.new_messages)
         return result
+
+    async def _hand_on(self) -> None:
+        """Deliver the messages waiting for the host of each connection the
+        smtp transport left open, down that connection, then close it (Exim's
+        continued deliveries; twisted_mta/queue/waiting.py)."""
+        parked, self._parked = self._parked, []
+        for connection in parked:
+            try:
+                while connection.has_room:
+                    message_id = self.settings.waiting.take(
+                        connection.transport, connection.host.name, self._waiting_state)
+                    if message_id is None:
+                        break
+                    connection.sequence += 1
+                    await MessageDelivery(self.settings, message_id,
+                                          queue_running=self.queue_running,
+                                          continued=connection).run()
+            finally:
+                await connection.close()
+
+    def _waiting_state(self, message_id: str) -> str:
+        from twisted_mta.queue.waiting import BUSY, GONE, READY
+
+        if message_id in self.settings.active:
+            return BUSY
+        if not os.path.exists(self.settings.spool.locate(message_id).header):
+            return GONE
+        return READY
+
+    def _wants_hand_on(self, transport: str, host: Any) -> bool:
+        """Whether other messages wait for *host* (the smtp transport then
+        keeps its connection open for them)."""
+        waiting = self.settings.waiting
+        return waiting is not None and any(
+            m != self.message_id for m in waiting.waiting(transport, host.name))
 
     async def _run_locked(self) -> DeliveryResult:
         settings = self.settings
@@ -573,7 +622,10 @@ class MessageDelivery:
                            threadpool=self.settings.threadpool, clock=self.settings.clock,
                            log=self.settings.log, config=self.config,
                            extra={"retry": self.settings.retry,
-                                  "force": self.force})
+                                  "force": self.force,
+                                  "continued": self.continued,
+                                  "hand_on": self._wants_hand_on
+                                  if self.continued is None else None})
         if self.dont_deliver or message.dont_deliver:
             for address in batch:
                 address.succeed()
@@ -585,6 +637,13 @@ class MessageDelivery:
                     if address.status == PENDING:
                         address.defer(f"internal error in {instance.name} transport: {e}")
         elapsed = self.settings.clock.seconds() - started
+        parked = job.extra.pop("parked", None)
+        if parked is not None:
+            self._parked.append(parked)
+        waiting_hosts = job.extra.get("waiting_hosts")
+        if waiting_hosts and self.settings.waiting is not None and \
+                any(a.status != DELIVERED for a in batch):
+            self.settings.waiting.add(instance.name, waiting_hosts, self.message_id)
         # Exim's smtp transport raises it itself, before the == lines.
         await self._remote_defer_event(batch, job, ctx)
         await self._update_remote_retry(batch, job)

@@ -50,6 +50,9 @@ def _host_text(addr: DeliveryAddress, selector: frozenset[str]) -> str:
     text += f" [{host.address}]"
     if "outgoing_port" in selector and host.port:
         text += f":{host.port}"
+    if addr.extra.get("continued"):
+        # A connection another delivery handed on (Exim's continue_sequence > 1).
+        text += "*"
     proxy = addr.extra.get("proxy")
     if proxy and "proxy" in selector:  # the SOCKS proxy used (Exim's d_hostlog)
         text += f" PRX=[{proxy[0]}]"

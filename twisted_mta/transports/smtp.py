@@ -51,7 +51,8 @@ import errno as E
 import ipaddress
 import os
 import socket
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import idna
@@ -122,6 +123,11 @@ ERRNO_TLSREQUIRED = -38
 TLS_EXTRA_KEYS = ("tls_cipher", "tls_cv", "tls_peerdn")
 #: The client authenticator's name, for A= on the => line.
 AUTHENTICATOR = "authenticator"
+#: Set on an address sent down a connection handed on by another delivery:
+#: Exim's continue_sequence > 1, a ``*`` after the host in the log line.
+CONTINUED = "continued"
+# What the set-up of a connection gave each address delivered down it.
+_CONNECTION_EXTRA = (SMTP_GREETING, HELO_RESPONSE, AUTHENTICATOR, "proxy", *TLS_EXTRA_KEYS)
 #: Exim's errno values for AUTH (macros.h).
 ERRNO_AUTHFAIL = -42
 ERRNO_AUTHPROB = -48
@@ -282,6 +288,40 @@ class SmtpTransport:
         return None
 
 
+@dataclass(eq=False)
+class ContinuedConnection:
+    """A connection left open after a message went through it cleanly, to
+    carry the messages waiting for its host (twisted_mta/queue/waiting.py).
+
+    The delivery process that parked it hands it on and at the end calls
+    ``close()`` (QUIT, then the ``tcp:close`` event).  ``sequence`` counts
+    the messages sent down it, up to ``limit`` (connection_max_messages;
+    0: no limit); ``usable`` goes false when a transaction leaves it in a
+    state that another must not inherit."""
+
+    transport: str
+    host: Host
+    port: int
+    client: SMTPClient
+    address_extra: dict[str, Any]
+    variables: dict[str, str]
+    auth: str | None
+    limit: int
+    close: Callable[[], Awaitable[None]]
+    sequence: int = 1
+    usable: bool = True
+
+    def serves(self, transport: str, host: Host, port: int) -> bool:
+        """Whether a delivery by *transport* to *host*:*port* may use it."""
+        return (self.usable and not self.client.protocol.closed
+                and transport == self.transport and port == self.port
+                and str(host.address) == str(self.host.address))
+
+    @property
+    def has_room(self) -> bool:
+        return self.usable and (self.limit <= 0 or self.sequence < self.limit)
+
+
 def _smtps(instance: Any) -> bool:
     """``protocol = smtps``: TLS from the start of the connection."""
     return str(instance.get("protocol") or "smtp").lower() == "smtps"
@@ -320,6 +360,8 @@ class _Attempt:
         self.addresses: list[DeliveryAddress] = list(job.addresses)
         #: Host retry items, for the delivery process to apply.
         self.retry_items: list[RetryItem] = job.extra.setdefault("retry_items", [])
+        self._clean = False
+        self._parked = False
 
     def _retry_port_string(self, port: int) -> str:
         text = "" if port == 25 else f":{port}"
@@ -389,6 +431,12 @@ class _Attempt:
             last = outcome
         if last is None:
             last = defer("all hosts have been failing", C.ERRNO_UNKNOWNERROR)
+        if last.status == C.DEFER and int(self.instance.get("connection_max_messages")
+                                          or 0) != 1:
+            # Exim's transport_update_waiting(): the message waits for these
+            # hosts, and a delivery that reaches one of them will hand on
+            # its connection (twisted_mta/queue/waiting.py).
+            job.extra.setdefault("waiting_hosts", []).extend(h.name for h in hosts)
         return last
 
     async def defer_event(self, outcome: Outcome | None) -> None:
@@ -610,6 +658,10 @@ class _Attempt:
         """(True, None) when a transaction took place (the addresses have
         their results); (False, outcome) to go on to the next host."""
         job = self.job
+        continued = job.extra.get("continued")
+        if isinstance(continued, ContinuedConnection) and \
+                continued.serves(self.instance.name, host, port):
+            return await self._continue(continued, host)
         variables = job.ctx.variables
         for k in ("proxy_session", "proxy_local_address", "proxy_local_port",
                   "proxy_external_address", "proxy_external_port"):
@@ -650,12 +702,14 @@ class _Attempt:
         except ConnectError as e:
             failed.errno = e.errno
             return False, failed
+        self._parked = False
         try:
-            return await self._dialogue(client, host, suppress_tls)
+            return await self._dialogue(client, host, port, suppress_tls)
         finally:
-            client.close()
-            self._host_variables(host, port)
-            await self._connection_event("tcp:close")
+            if not self._parked:
+                client.close()
+                self._host_variables(host, port)
+                await self._connection_event("tcp:close")
 
     def _host_variables(self, host: Host, port: int) -> None:
         """``$host``, ``$host_address``, ``$host_port`` during a connection
@@ -701,7 +755,7 @@ class _Attempt:
                                    ("main", "panic"), self.job.message_id)
             return Outcome(C.DEFER, None, C.ERRNO_EXPANDFAIL)
 
-    async def _dialogue(self, client: SMTPClient, host: Host,
+    async def _dialogue(self, client: SMTPClient, host: Host, port: int,
                         suppress_tls: bool = False) -> tuple[bool, Outcome | None]:
         job = self.job
         addresses = self.addresses
@@ -745,6 +799,24 @@ class _Attempt:
         if isinstance(auth_outcome, Outcome):
             await client.quit()
             return False, auth_outcome
+        done, outcome = await self._transaction(client, host, auth_outcome)
+        if self._clean:
+            connection = await self._parkable(client, host, port, auth_outcome)
+            if connection is None:
+                await client.quit()
+            else:
+                job.extra["parked"] = connection
+        return done, outcome
+
+    async def _transaction(self, client: SMTPClient, host: Host,
+                           auth_outcome: str | None) -> tuple[bool, Outcome | None]:
+        """MAIL, RCPT, DATA or BDAT on a connection that is set up; as
+        _dialogue's result.  ``self._clean`` tells whether the message went
+        through with nothing left to reset (the connection could carry
+        another), in which case QUIT is left to the caller."""
+        job = self.job
+        addresses = self.addresses
+        self._clean = False
         # SMTPUTF8 (Exim checks it once the connection is set up, after AUTH):
         # ask for it, or downconvert the envelope to A-labels, or fail.
         smtputf8 = downconvert = False
@@ -869,8 +941,56 @@ class _Attempt:
                 address.succeed(confirmation, host=host)
         for address in addresses:
             address.extra.pop(_PRDR_RESULT, None)
-        await client.quit()
+        self._clean = result.data_reply is not None and result.data_reply.positive
+        if not self._clean:
+            await client.quit()
         return True, None
+
+    async def _parkable(self, client: SMTPClient, host: Host, port: int,
+                        auth_outcome: str | None) -> ContinuedConnection | None:
+        """The connection, kept open for messages waiting for *host*
+        (doc/smtp-transport.md, "Several messages per connection"), or
+        None to QUIT now: nothing waits, the delivery process does not hand
+        connections on, or connection_max_messages is 1."""
+        wants = self.job.extra.get("hand_on")
+        limit = int(self.instance.get("connection_max_messages") or 0)
+        if wants is None or limit == 1 or not wants(self.instance.name, host):
+            return None
+        first = self.addresses[0]
+        variables = self.job.ctx.variables
+        self._parked = True
+
+        async def close() -> None:
+            try:
+                await client.quit()
+            finally:
+                client.close()
+                self._host_variables(host, port)
+                await self._connection_event("tcp:close")
+        return ContinuedConnection(
+            transport=self.instance.name, host=host, port=port, client=client,
+            address_extra={k: first.extra[k] for k in _CONNECTION_EXTRA if k in first.extra},
+            variables={k: v for k, v in variables.items()
+                       if k.startswith(("tls_out_", "proxy_"))},
+            auth=auth_outcome, limit=limit, close=close)
+
+    async def _continue(self, connection: ContinuedConnection,
+                        host: Host) -> tuple[bool, Outcome | None]:
+        """Send this message down a connection another delivery handed on
+        (Exim's continued transport): no greeting, EHLO, TLS or AUTH; the
+        addresses get what that connection's set-up gave, and ``*`` in
+        their log lines."""
+        self._host_variables(host, connection.port)
+        self.job.ctx.variables.update(connection.variables)
+        for address in self.addresses:
+            address.extra.update(connection.address_extra)
+            address.extra[CONTINUED] = True
+        try:
+            done, outcome = await self._transaction(connection.client, host, connection.auth)
+        except SMTPClientError as e:
+            done, outcome = False, self._error_outcome(e, host)
+        connection.usable = self._clean
+        return done, outcome
 
     async def _auth(self, client: SMTPClient, host: Host) -> str | Outcome | None:
         """Exim's smtp_auth(): when the server offers AUTH and the host is

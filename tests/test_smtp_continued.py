@@ -1,0 +1,148 @@
+"""Several messages per connection: the wait-<transport> hints
+(twisted_mta/queue/waiting.py) and the smtp transport's connections handed
+on to waiting messages (ContinuedConnection in twisted_mta/transports/smtp.py).
+
+Against a real Exim 4.96: messages deferred while it was down are recorded
+as waiting for it; when it is up, the next delivery to it carries them down
+the same connection (Exim logs one client port for all of them), each
+``=>`` line after the first connection's marked with ``*``, as Exim marks
+continued deliveries.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from typing import Any
+
+from twisted.python.threadpool import ThreadPool
+from twisted.trial import unittest as trial
+
+from tests import test_smtp_transport as peer
+from tests.test_delivery_peers import Exim4Daemon, message_lines
+from twisted_mta.queue.deliver import COMPLETED, INCOMPLETE, MessageDelivery
+from twisted_mta.queue.waiting import BUSY, GONE, READY, WaitingDatabase
+from twisted_mta.spool.store import Spool
+
+
+class WaitingDatabaseTests(trial.TestCase):
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="exim-py-waiting-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def test_add_keeps_order_and_no_duplicates(self) -> None:
+        db = WaitingDatabase(self.tmp)
+        db.add("remote_smtp", ["MX1.example", "mx2.example", "mx1.example"], "m1")
+        db.add("remote_smtp", ["mx1.example"], "m2")
+        db.add("remote_smtp", ["mx1.example"], "m1")
+        self.assertEqual(db.waiting("remote_smtp", "mx1.example"), ["m1", "m2"])
+        self.assertEqual(db.waiting("remote_smtp", "MX2.EXAMPLE"), ["m1"])
+        self.assertEqual(db.waiting("other", "mx1.example"), [])
+        # On disk, for the next process.
+        self.assertEqual(WaitingDatabase(self.tmp).waiting("remote_smtp", "mx1.example"),
+                         ["m1", "m2"])
+
+    def test_take_skips_busy_and_drops_gone(self) -> None:
+        db = WaitingDatabase(self.tmp)
+        for message_id in ("gone", "busy", "ready1", "ready2"):
+            db.add("t", ["h"], message_id)
+        states = {"gone": GONE, "busy": BUSY, "ready1": READY, "ready2": READY}
+        self.assertEqual(db.take("t", "h", states.__getitem__), "ready1")
+        self.assertEqual(db.waiting("t", "h"), ["busy", "ready2"])
+        self.assertEqual(db.take("t", "h", states.__getitem__), "ready2")
+        self.assertIsNone(db.take("t", "h", states.__getitem__))
+        self.assertEqual(db.waiting("t", "h"), ["busy"])
+        states["busy"] = GONE
+        self.assertIsNone(db.take("t", "h", states.__getitem__))
+        self.assertEqual(db.waiting("t", "h"), [])
+
+
+class ContinuedToEximTests(trial.TestCase):
+    """Messages waiting for an Exim that was down go down one connection."""
+
+    settings = peer.DeliveryToEximTests.settings
+    deliver = peer.DeliveryToEximTests.deliver
+
+    def setUp(self) -> None:
+        peer._require_exim()
+        # Exim's port is chosen now; the daemon starts later.
+        self.exim = Exim4Daemon(peer.RECEIVER_CONFIG.replace(
+            "queue_only\n", "queue_only\nlog_selector = +incoming_port\n"))
+        self.addCleanup(self.exim.cleanup)
+        self.pool = ThreadPool(1, 4)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.tmp = tempfile.mkdtemp(prefix="exim-py-continued-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.spool = Spool(self.tmp)
+        self.bounced: list[Any] = []
+
+    async def queue_while_down(self, count: int, extra: str = "") -> Any:
+        """*count* messages deferred (connection refused) while Exim is
+        down, each now waiting for it."""
+        settings = self.settings(extra=extra)
+        settings.waiting = WaitingDatabase(self.tmp)
+        self.settings_used = settings
+        for number in range(1, count + 1):
+            outcome, lines = await self.deliver(settings, ["a@y.test"], number=number)
+            self.assertEqual(outcome, INCOMPLETE, lines)
+        ids = [f"1xa0Ih-00035i-0{n}" for n in range(1, count + 1)]
+        self.assertEqual(settings.waiting.waiting("remote_smtp", "127.0.0.1"), ids)
+        return settings
+
+    def received_ports(self) -> list[str]:
+        return re.findall(r"(?m)^.* <= s@x\.test H=\S+ \[127\.0\.0\.1\]:(\d+) ",
+                          self.exim.mainlog())
+
+    def delivery_lines(self) -> list[str]:
+        return [line for line in self.stream.getvalue().splitlines() if " => " in line]
+
+    async def test_backlog_goes_down_one_connection(self) -> None:
+        settings = await self.queue_while_down(3)
+        self.exim.start()
+        result = await MessageDelivery(settings, "1xa0Ih-00035i-01", force=True).run()
+        self.assertEqual(result.outcome, COMPLETED)
+        for number in (2, 3):
+            self.assertEqual(message_lines(self.stream.getvalue(),
+                                           f"1xa0Ih-00035i-0{number}")[-1], "Completed")
+        ports = self.received_ports()
+        self.assertEqual(len(ports), 3, self.exim.mainlog())
+        self.assertEqual(len(set(ports)), 1, ports)
+        marks = [re.search(r" H=127\.0\.0\.1 \[127\.0\.0\.1\](\*?) ", line).group(1)
+                 for line in self.delivery_lines()]
+        self.assertEqual(marks, ["", "*", "*"], self.delivery_lines())
+        self.assertEqual(settings.waiting.waiting("remote_smtp", "127.0.0.1"), [])
+        self.assertEqual(list(self.spool.list_ids()), [])
+
+    async def test_connection_max_messages(self) -> None:
+        settings = await self.queue_while_down(3, extra="  connection_max_messages = 2\n")
+        self.exim.start()
+        await MessageDelivery(settings, "1xa0Ih-00035i-01", force=True).run()
+        ports = self.received_ports()
+        self.assertEqual(len(ports), 2, self.exim.mainlog())
+        self.assertEqual(len(set(ports)), 1, ports)
+        # The third still waits, and goes on the next connection.
+        self.assertEqual(settings.waiting.waiting("remote_smtp", "127.0.0.1"),
+                         ["1xa0Ih-00035i-03"])
+        result = await MessageDelivery(settings, "1xa0Ih-00035i-03", force=True).run()
+        self.assertEqual(result.outcome, COMPLETED)
+        self.assertEqual(len(set(self.received_ports())), 2)
+
+    async def test_connection_max_messages_one_records_nothing(self) -> None:
+        settings = self.settings(extra="  connection_max_messages = 1\n")
+        settings.waiting = WaitingDatabase(self.tmp)
+        self.settings_used = settings
+        outcome, lines = await self.deliver(settings, ["a@y.test"])
+        self.assertEqual(outcome, INCOMPLETE, lines)
+        self.assertEqual(settings.waiting.waiting("remote_smtp", "127.0.0.1"), [])
+
+    async def test_nothing_waiting_quits_at_once(self) -> None:
+        self.exim.start()
+        settings = self.settings()
+        settings.waiting = WaitingDatabase(self.tmp)
+        self.settings_used = settings
+        outcome, lines = await self.deliver(settings, ["a@y.test"])
+        self.assertEqual(outcome, COMPLETED, lines)
+        self.assertNotIn("*", [x for x in lines if x.startswith("=> ")][0])
