@@ -282,31 +282,43 @@ def one_run(server: Server, size: int, sessions: int, count: int,
     return count / spool_seconds, count / seconds
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(doc: str, small: int, large: int) -> argparse.ArgumentParser:
+    """The options both benchmarks take (*small*, *large*: default counts)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=1, help="runs per cell; best is reported")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 200 small and 50 large messages")
-    ap.add_argument("--small", type=int, help="messages per 1 KB cell (default 2000)")
-    ap.add_argument("--large", type=int, help="messages per 100 KB cell (default 300)")
+    ap.add_argument("--small", type=int, help=f"messages per 1 KB cell (default {small})")
+    ap.add_argument("--large", type=int, help=f"messages per 100 KB cell (default {large})")
     ap.add_argument("--json", action="store_true", help="print one JSON line, no table")
     ap.add_argument("--exim", default="/usr/sbin/exim4")
     ap.add_argument("--twistd", default=str(Path(sys.executable).parent / "twistd"))
     ap.add_argument("--tmpdir", help="where the spools go (default: the system's temporary "
                     "directory); /dev/shm takes the disk's fsync cost out")
     ap.add_argument("--timeout", type=float, default=600.0, help="per smtp-source run, s")
-    args = ap.parse_args()
-    small = args.small or (200 if args.quick else 2000)
-    large = args.large or (50 if args.quick else 300)
+    return ap
 
+
+def cannot_run(args: argparse.Namespace) -> str | None:
+    """Why the benchmark cannot run here (programs, root), or None; fetches
+    smtp-source on first use."""
     for label, path in (("exim4", args.exim), ("twistd", args.twistd)):
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            print(f"{label} not found or not executable: {path}", file=sys.stderr)
-            return 2
+            return f"{label} not found or not executable: {path}"
     if os.geteuid() != 0:
-        print("run as root: Exim needs it for -C with exim_user = root", file=sys.stderr)
-        return 2
+        return "run as root: Exim needs it for -C with exim_user = root"
     ensure_smtp_source()
+    return None
+
+
+def main() -> int:
+    args = arguments(__doc__, 2000, 300).parse_args()
+    small = args.small or (200 if args.quick else 2000)
+    large = args.large or (50 if args.quick else 300)
+    problem = cannot_run(args)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
 
     servers = {
         "exim": Server("exim", [args.exim], args.tmpdir),

@@ -27,7 +27,6 @@ Usage: .venv/bin/python bench/relay_bench.py [--repeat N] [--quick] [--json]
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pwd
@@ -49,7 +48,8 @@ from accept_bench import (  # noqa: E402
     POSTFIX_LIBS,
     BenchError,
     Server,
-    ensure_smtp_source,
+    arguments,
+    cannot_run,
     free_port,
     send,
 )
@@ -339,32 +339,16 @@ def one_run(server: RelayServer, sink: Sink, size: int, sessions: int, count: in
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=1, help="runs per cell; best is reported")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 200 small and 50 large messages")
-    ap.add_argument("--small", type=int, help="messages per 1 KB cell (default 1000)")
-    ap.add_argument("--large", type=int, help="messages per 100 KB cell (default 200)")
+    ap = arguments(__doc__, 1000, 200)
     ap.add_argument("--no-large", action="store_true", help="leave out the 100 KB cell")
-    ap.add_argument("--json", action="store_true", help="print one JSON line, no table")
-    ap.add_argument("--exim", default="/usr/sbin/exim4")
-    ap.add_argument("--twistd", default=str(Path(sys.executable).parent / "twistd"))
-    ap.add_argument("--tmpdir", help="where the spools go (default: the system's temporary "
-                    "directory); /dev/shm takes the disk's fsync cost out")
-    ap.add_argument("--timeout", type=float, default=600.0, help="per smtp-source run, s")
     args = ap.parse_args()
     small = args.small or (200 if args.quick else 1000)
     large = args.large or (50 if args.quick else 200)
     cells = [(SMALL, 1), (SMALL, 20)] + ([] if args.no_large else [(LARGE, 20)])
-
-    for label, path in (("exim4", args.exim), ("twistd", args.twistd)):
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            print(f"{label} not found or not executable: {path}", file=sys.stderr)
-            return 2
-    if os.geteuid() != 0:
-        print("run as root: Exim needs it for -C with exim_user = root", file=sys.stderr)
+    problem = cannot_run(args)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
-    ensure_smtp_source()
     if not SMTP_SINK.exists():
         print(f"no smtp-sink in {POSTFIX}", file=sys.stderr)
         return 2

@@ -146,3 +146,34 @@ class ContinuedToEximTests(trial.TestCase):
         outcome, lines = await self.deliver(settings, ["a@y.test"])
         self.assertEqual(outcome, COMPLETED, lines)
         self.assertNotIn("*", [x for x in lines if x.startswith("=> ")][0])
+
+
+class DeliveryLineFlagsTests(trial.TestCase):
+    """The host part of a remote ``=>`` line: ``*`` for a handed-on
+    connection, `` L`` (with ``+pipelining``) before `` PRDR`` and `` K``,
+    in deliver.c's order."""
+
+    def line(self, selector: frozenset[str], **extra: Any) -> str:
+        from twisted_mta.queue.address import DeliveryAddress, Host
+        from twisted_mta.queue.deliverylog import delivery_line
+        from twisted_mta.transports.smtp import SmtpTransport
+
+        address = DeliveryAddress("a@y.test", router="remote", transport="remote_smtp")
+        address.extra.update(extra)
+        address.succeed("250 OK", host=Host("mx.y.test", "192.0.2.1", 2525))
+        return delivery_line(address, logchar="=", sender="s@x.test", transport=SmtpTransport(),
+                             log_as_local=False, selector=selector)
+
+    def test_continued_mark_after_the_port(self) -> None:
+        self.assertIn(" H=mx.y.test [192.0.2.1]:2525* C=",
+                      self.line(frozenset({"outgoing_port", "smtp_confirmation"}),
+                                continued=True))
+        self.assertIn(" H=mx.y.test [192.0.2.1] C=",
+                      self.line(frozenset({"smtp_confirmation"})))
+
+    def test_flags_order(self) -> None:
+        flags = {"flags": ["PRDR", "L", "K"]}
+        self.assertIn(" H=mx.y.test [192.0.2.1] L PRDR K C=",
+                      self.line(frozenset({"pipelining", "smtp_confirmation"}), **flags))
+        self.assertIn(" H=mx.y.test [192.0.2.1] PRDR K C=",
+                      self.line(frozenset({"smtp_confirmation"}), **flags))

@@ -30,7 +30,12 @@ from tests.test_tls import handshake
 from twisted_mta.queue.deliver import COMPLETED, INCOMPLETE
 from twisted_mta.smtp.stapling import judge_staple
 from twisted_mta.smtp.tls import OCSP_FAILED, OCSP_NOT_REQ, OCSP_NOT_RESP, OCSP_VFIED
-from twisted_mta.smtp.tlsclient import ClientTLS, ClientTLSOptions, tls_out_variables
+from twisted_mta.smtp.tlsclient import (
+    ClientTLS,
+    ClientTLSOptions,
+    tls_out_variables,
+    verifies_against,
+)
 
 pki = tls_tests.pki
 
@@ -43,13 +48,7 @@ def _read(path: str) -> bytes:
 def _anchored(certificate: Any, untrusted: Any) -> bool:
     store = crypto.X509Store()
     store.add_cert(crypto.X509.from_cryptography(pki().root.certificate))
-    check = crypto.X509StoreContext(store, crypto.X509.from_cryptography(certificate),
-                                    [crypto.X509.from_cryptography(c) for c in untrusted])
-    try:
-        check.verify_certificate()
-    except crypto.X509StoreContextError:
-        return False
-    return True
+    return verifies_against(store, certificate, untrusted)
 
 
 class JudgeStapleTests(trial.TestCase):

@@ -135,14 +135,17 @@ class ClientProtocolTests(trial.TestCase):
         self.assertEqual(transport.value(), b"")
 
     def test_helo_when_ehlo_is_refused(self) -> None:
-        client, transport, _ = _client()
-        d = defer.Deferred.fromCoroutine(client.hello("me.test"))
-        self.assertEqual(_take(transport), b"EHLO me.test\r\n")
-        client.protocol.dataReceived(b"500 what?\r\n")
-        self.assertEqual(_take(transport), b"HELO me.test\r\n")
-        client.protocol.dataReceived(b"250 mx.test\r\n")
-        self.assertEqual(self.successResultOf(d).code, 250)
-        self.assertFalse(client.esmtp)
+        # Any reply but 2xx, 4xx too, as Exim's smtp_reap_ehlo().
+        for refusal in (b"500 what?\r\n", b"421 later\r\n"):
+            client, transport, _ = _client()
+            d = defer.Deferred.fromCoroutine(client.hello("me.test"))
+            self.assertEqual(_take(transport), b"EHLO me.test\r\n")
+            client.protocol.dataReceived(refusal)
+            self.assertEqual(_take(transport), b"HELO me.test\r\n")
+            client.protocol.dataReceived(b"250 mx.test\r\n")
+            self.assertEqual(self.successResultOf(d).code, 250)
+            self.assertFalse(client.esmtp)
+            self.assertEqual(client.ehlo_reply.lines, [refusal.decode().strip()])
 
     def test_4xx_greeting_is_an_error_reply(self) -> None:
         client, _, _ = _client()

@@ -244,12 +244,15 @@ def defer_data(message: str | None, basic_errno: int) -> str | None:
 
 
 async def deferred_event(ctx: Any, config: Any, name: str, address: Any, host: Any, *,
-                         log: Any = None, message_id: str | None = None) -> None:
+                         log: Any = None, message_id: str | None = None,
+                         defer_errno: int | None = None) -> None:
     """``msg:host:defer`` (a host deferred) or ``msg:defer`` (the last host
     deferred the message) for the first address of a transaction and
     *host*, with the transport's action: ``$host_address`` and
     ``$host_port`` (25 when unset) are the host's, ``$event_defer_errno``
-    the address's basic errno.  For the smtp transport to call."""
+    the address's basic errno (or *defer_errno*: Exim gives the RCPT
+    events the address's more_errno).  For the smtp transport to call;
+    also ``msg:rcpt:host:defer`` and ``msg:rcpt:defer``."""
     instance = config.transport(address.transport) if address.transport else None
     action = transport_action(instance)
     if not action:
@@ -263,7 +266,8 @@ async def deferred_event(ctx: Any, config: Any, name: str, address: Any, host: A
         await event_raise(ctx, action, name,
                           defer_data(address.message, address.basic_errno or 0),
                           log=log, message_id=message_id, transport=instance.name,
-                          defer_errno=address.basic_errno or 0)
+                          defer_errno=address.basic_errno or 0
+                          if defer_errno is None else defer_errno)
     finally:
         _restore(ctx, saved)
 

@@ -615,6 +615,14 @@ class MessageDelivery:
         instance = self.config.transport(first.transport or "")
         driver = self._remote_driver(first)
         self._set_address_variables(ctx, first)
+        if len(batch) > 1:
+            # Exim's deliver_set_expansions() for several addresses: no
+            # local part; the domain only when they all share it.
+            for name in ("local_part", "local_part_prefix", "local_part_suffix",
+                         "original_local_part", "original_domain"):
+                ctx.variables.pop(name, None)
+            if any(a.domain.lower() != first.domain.lower() for a in batch):
+                ctx.variables.pop("domain", None)
         started = self.settings.clock.seconds()
         job = TransportJob(message=message,
                            data_path=self.settings.spool.locate(self.message_id).data,

@@ -93,6 +93,8 @@ def delivery_line(addr: DeliveryAddress, *, logchar: str, sender: str,
         if addr.extra.get("authenticator"):
             # deliver.c: after d_tlslog(), the client authenticator's name.
             text += f" A={addr.extra['authenticator']}"
+        if "L" in addr.extra.get("flags", ()) and "pipelining" in selector:
+            text += " L"      # af_pipelining: the transaction was pipelined
         if "PRDR" in addr.extra.get("flags", ()):
             text += " PRDR"
         if "K" in addr.extra.get("flags", ()):

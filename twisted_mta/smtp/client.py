@@ -203,6 +203,10 @@ async def _wait(d: tdefer.Deferred[Any], timeout: float, clock: Any) -> bool:
 
 
 class _Factory(ClientFactory):
+    # Not noisy: Twisted would log "Starting factory" and "Stopping
+    # factory" for every delivery connection.
+    noisy = False
+
     def __init__(self, protocol: ClientProtocol) -> None:
         self.protocol_instance = protocol
 
@@ -379,6 +383,7 @@ class SMTPClient:
         self.extensions: dict[str, str] = {}
         self.greeting_reply: Reply | None = None
         self.hello_reply: Reply | None = None
+        self.ehlo_reply: Reply | None = None
         self.count = 0
 
     # -- the primitives ---------------------------------------------------------------
@@ -444,17 +449,18 @@ class SMTPClient:
         return reply
 
     async def hello(self, name: str, esmtp: bool = True) -> Reply:
-        """EHLO, HELO when EHLO gets a 5xx (or when *esmtp* is false)."""
+        """EHLO, then HELO when EHLO is refused (any reply but 2xx, as Exim's
+        smtp_reap_ehlo()) or when *esmtp* is false.  ``ehlo_reply`` keeps
+        the reply to EHLO."""
+        self.ehlo_reply = None
         if esmtp:
             self.send(f"EHLO {name}")
-            reply = await self.read_reply()
+            reply = self.ehlo_reply = await self.read_reply()
             if reply.digit == "2":
                 self.esmtp = True
                 self.hello_reply = reply
                 self.extensions = _extensions(reply)
                 return reply
-            if reply.digit != "5":
-                raise self.error_reply(reply)
         self.send(f"HELO {name}")
         reply = await self.read_reply()
         self.hello_reply = reply

@@ -65,7 +65,7 @@ from twisted_mta.smtp.tls import (
 )
 
 __all__ = ["ClientTLS", "ClientTLSOptions", "ClientTLSSession", "TLSConfigError",
-           "handshake_error_text", "names_match", "tls_out_variables"]
+           "handshake_error_text", "names_match", "tls_out_variables", "verifies_against"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,20 @@ def _load_context(options: ClientTLSOptions) -> SSL.Context:
             store.set_flags(crypto.X509StoreFlags.CRL_CHECK
                             | crypto.X509StoreFlags.CRL_CHECK_ALL)
     return context
+
+
+def verifies_against(store: crypto.X509Store, certificate: x509.Certificate,
+                     untrusted: Sequence[x509.Certificate]) -> bool:
+    """Whether *certificate* chains to the anchors in *store*, with
+    *untrusted* as the intermediates to build the chain from."""
+    check = crypto.X509StoreContext(
+        store, crypto.X509.from_cryptography(certificate),
+        [crypto.X509.from_cryptography(c) for c in untrusted])
+    try:
+        check.verify_certificate()
+    except crypto.X509StoreContextError:
+        return False
+    return True
 
 
 def names_match(certificate: Any, hostname: str) -> bool:
@@ -233,16 +247,7 @@ class ClientTLS:
     def _chains_to_anchor(self, certificate: x509.Certificate,
                           untrusted: Sequence[x509.Certificate]) -> bool:
         store = self.context.get_cert_store()
-        if store is None:
-            return False
-        check = crypto.X509StoreContext(
-            store, crypto.X509.from_cryptography(certificate),
-            [crypto.X509.from_cryptography(c) for c in untrusted])
-        try:
-            check.verify_certificate()
-        except crypto.X509StoreContextError:
-            return False
-        return True
+        return store is not None and verifies_against(store, certificate, untrusted)
 
     def _verify(self, connection: SSL.Connection, cert: crypto.X509, errnum: int,
                 depth: int, ok: int) -> bool:

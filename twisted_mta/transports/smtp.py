@@ -79,6 +79,7 @@ from twisted_mta.smtp.client import (
 )
 from twisted_mta.smtp.params import xtext_encode
 from twisted_mta.smtp.socks import SOCKSConfigError, parse_socks_proxy
+from twisted_mta.smtp.tls import _oneline
 from twisted_mta.smtp.tlsclient import (
     ClientTLS,
     ClientTLSOptions,
@@ -278,6 +279,9 @@ class SmtpTransport:
         _apply(outcome, job.addresses)
         deferred = [a for a in job.addresses if a.status == DEFERRED]
         if fallback and deferred:
+            # Exim's fallback hosts are a second run of the transport; the
+            # first raises its msg:defer.
+            await attempt.defer_event(outcome)
             # Exim's fallback pass: the addresses the hosts deferred, once more
             # at the fallback hosts; only the final result is logged.
             for address in deferred:
@@ -454,6 +458,18 @@ class _Attempt:
         await deferred_event(job.ctx, job.config, "msg:defer", first, host, log=job.log,
                              message_id=job.message_id)
 
+    async def _rcpt_defer_events(self, address: DeliveryAddress, host: Host) -> None:
+        """``msg:rcpt:host:defer`` and ``msg:rcpt:defer`` for a RCPT 4xx
+        (Exim's sync_responses(); the second is Exim's for the last host,
+        and no other host is tried for the address here), with
+        ``$event_defer_errno`` the more_errno (the code's digits << 8)."""
+        if not transport_action(self.instance):
+            return
+        job = self.job
+        for name in ("msg:rcpt:host:defer", "msg:rcpt:defer"):
+            await deferred_event(job.ctx, job.config, name, address, host, log=job.log,
+                                 message_id=job.message_id, defer_errno=address.more_errno)
+
     async def _host_defer_event(self, first: DeliveryAddress, host: Host, port: int,
                                 outcome: Outcome) -> None:
         """``msg:host:defer`` for a host that deferred (Exim's
@@ -484,10 +500,10 @@ class _Attempt:
             text += f": {outcome.message}"
             if outcome.errno > 0:
                 text += f": {os.strerror(outcome.errno)}"
-        else:
-            # exim_errstr(): strerror, also for an event's ERRNO_EVENT
-            text += f" {os.strerror(outcome.errno)}" \
-                if outcome.errno > 0 or outcome.errno == ERRNO_EVENT else ""
+        elif outcome.errno == ERRNO_EVENT:
+            text += " Event requests alternate response"   # Exim's exim_errstr()
+        elif outcome.errno > 0:
+            text += f" {os.strerror(outcome.errno)}"
         log.write(text, ("main",), self.job.message_id)
 
     async def _host_in(self, option: str, host: Host) -> bool:
@@ -550,9 +566,7 @@ class _Attempt:
             if isinstance(result, Outcome):
                 return result
             if result is None:
-                hello = await client.hello(self.helo)
-                for address in self.addresses:
-                    address.extra[HELO_RESPONSE] = hello.text
+                await self._hello(client)
                 return None
             if result.digit == "4" and not self.instance.get("tls_tempfail_tryclear", True):
                 raise client.error_reply(result, "STARTTLS")
@@ -563,6 +577,18 @@ class _Attempt:
             return Outcome(C.DEFER, f"a TLS session is required, but {what}",
                            ERRNO_TLSREQUIRED, _more_errno(host), extra={"last_host": host})
         return None
+
+    async def _hello(self, client: SMTPClient) -> None:
+        """EHLO (HELO when refused), and the ``smtp:ehlo`` event with the
+        EHLO reply's lines, refused or not (its result is ignored, as in
+        Exim, which raises it before any HELO)."""
+        try:
+            hello = await client.hello(self.helo)
+        finally:
+            if client.ehlo_reply is not None:
+                await self._connection_event("smtp:ehlo", "\n".join(client.ehlo_reply.lines))
+        for address in self.addresses:
+            address.extra[HELO_RESPONSE] = hello.text
 
     async def _start_tls(self, client: SMTPClient, host: Host,
                          starttls: bool) -> Outcome | Reply | None:
@@ -632,6 +658,7 @@ class _Attempt:
         variables = self.job.ctx.variables
         certs = variables.setdefault("__certs__", {})
         refused = False
+        required = session.options.verify == "require"
         for depth in range(len(chain) - 1, -1, -1):
             cert = chain[depth].to_cryptography()
             certs["tls_out_peercert"] = cert
@@ -642,8 +669,11 @@ class _Attempt:
                 if self.job.log is not None:
                     self.job.log.write(
                         f"[{host.address}] SSL verify denied by event-action: depth={depth} "
-                        f"cert={cert.subject.rfc4514_string()}: {result}", ("main",),
+                        f"cert={_oneline(cert.subject)}: {result}", ("main",),
                         self.job.message_id)
+                if required:
+                    # Exim's verify callback fails the handshake right there.
+                    break
         return refused
 
     def _log_verify_errors(self, host: Host, errors: list[str]) -> None:
@@ -774,9 +804,7 @@ class _Attempt:
                 return False, Outcome(C.DEFER, "deferred by smtp:connect event expansion: "
                                       f"{forced}", C.ERRNO_EXPANDFAIL, _more_errno(host),
                                       extra={"last_host": host})
-            hello = await client.hello(self.helo)
-            for address in addresses:
-                address.extra[HELO_RESPONSE] = hello.text
+            await self._hello(client)
             tls_outcome = None if _smtps(self.instance) else \
                 await self._starttls(client, host, suppress_tls)
             if tls_outcome is not None:
@@ -880,6 +908,7 @@ class _Attempt:
             else:
                 address.defer(message, errno=C.ERRNO_RCPT4XX,
                               more_errno=_more_errno(host, reply.code), host=host)
+                await self._rcpt_defer_events(address, host)
                 key = f"R:{address.address}"
                 if self.instance.get("address_retry_include_sender", True):
                     key += f":<{self.message.sender}>"
@@ -936,6 +965,8 @@ class _Attempt:
                     confirmation = (address.extra.pop(_PRDR_RESULT, "") + "\\n"
                                     + _printing(result.data_reply))
                     address.extra.setdefault("flags", []).append("PRDR")
+                if client.offers("PIPELINING"):
+                    address.extra.setdefault("flags", []).append("L")
                 if result.chunking:
                     address.extra.setdefault("flags", []).append("K")
                 address.succeed(confirmation, host=host)
