@@ -41,22 +41,16 @@ exim-4.96, and the test suite's test/log/5700, 5703, 5707 and 5720):
 
 from __future__ import annotations
 
-import io
-import os
 import re
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.trial import unittest as trial
 
 from tests import test_smtp_tls_client as tls_tests
 from tests import test_smtp_transport as peer_tests
 from tests.peers import free_port
 from tests.test_delivery_peers import ID
-from twisted_mta.config import parse_config_text
-from twisted_mta.log import EximLog, SyncLogWriter
 from twisted_mta.queue.deliver import COMPLETED, INCOMPLETE, DeliverySettings
-from twisted_mta.queue.retry import RetryRules, open_retry_database
 
 #: One line per event: the name, the defer errno, the host, the address,
 #: the certificate's subject for tls:cert, and the data last (it may
@@ -162,18 +156,7 @@ class RecordedEventsTests(trial.TestCase):
                            ("@EXTRA@", extra), ("@RECORD@", record),
                            ("@RECORD_OLD@", RECORD_OLD)):
             text = text.replace(key, value)
-        config = parse_config_text(text)
-        self.stream = io.StringIO()
-        log = EximLog.from_config(config, reactor, os.getpid(), SyncLogWriter(),
-                                  testing_stream=self.stream)
-        self.retry = open_retry_database(self.tmp, RetryRules(config), clock=reactor)
-
-        async def bounce(message: Any, failed: list[Any]) -> None:
-            self.bounced.extend(failed)
-
-        return DeliverySettings(config, self.spool, log, reactor, reactor,
-                                threadpool=self.pool, retry=self.retry, bounce=bounce,
-                                send_dsns=False)
+        return peer_tests.delivery_settings(self, text)
 
     async def send(self, recipients: list[str], *, hosts: str = "127.0.0.1",
                   action: str = RECORD_ALL, extra: str = "", subject: str = "events",

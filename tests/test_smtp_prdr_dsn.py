@@ -12,7 +12,6 @@ and the "relayed to non-DSN-aware mailer" success DSN
 from __future__ import annotations
 
 import glob
-import io
 import os
 import re
 import shutil
@@ -32,12 +31,11 @@ from tests.test_smtp_transport import (
     _client,
     _require_exim,
     _take,
+    delivery_settings,
 )
 from twisted_mta.config import parse_config_text
 from twisted_mta.dsn import DsnOptions, success_dsn, wants_success_dsn
-from twisted_mta.log import EximLog, SyncLogWriter
 from twisted_mta.queue.deliver import COMPLETED, INCOMPLETE, DeliverySettings, MessageDelivery
-from twisted_mta.queue.retry import RetryRules, open_retry_database
 from twisted_mta.spool.header import parse_header_file
 from twisted_mta.spool.message import (
     DSN_RET_FULL,
@@ -192,20 +190,8 @@ class _Base(trial.TestCase):
             "@PORT@", str(self.exim.port)).replace("@EXTRA@", extra)
         if router_extra:
             text = text.replace("  self = send\n", f"  self = send\n{router_extra}\n")
-        config = parse_config_text(text)
-        self.stream = io.StringIO()
-        log = EximLog.from_config(config, reactor, os.getpid(), SyncLogWriter(),
-                                  testing_stream=self.stream)
-        self.retry = open_retry_database(self.tmp, RetryRules(config), clock=reactor)
-
-        async def bounce(message: Any, failed: list[Any]) -> None:
-            self.bounced.extend(failed)
-            return None
-
-        self.dsn = _Dsn(config)
-        return DeliverySettings(config, self.spool, log, reactor, reactor,
-                                threadpool=self.pool, retry=self.retry, bounce=bounce,
-                                dsn=self.dsn)
+        self.dsn = _Dsn(parse_config_text(text))
+        return delivery_settings(self, text, dsn=self.dsn)
 
     async def deliver(self, recipients: list[Recipient], *, dsn_ret: int = 0,
                       dsn_envid: str | None = None, **kw: Any) -> tuple[str, list[str]]:

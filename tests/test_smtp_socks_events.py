@@ -5,11 +5,8 @@ ACL records every event with ``logwrite``."""
 
 from __future__ import annotations
 
-import io
-import os
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.trial import unittest as trial
 
 from tests import test_smtp_tls_client as tls_tests
@@ -17,10 +14,7 @@ from tests import test_smtp_transport as peer_tests
 from tests.peers import free_port
 from tests.test_delivery_peers import ID
 from tests.test_socks import Microsocks
-from twisted_mta.config import parse_config_text
-from twisted_mta.log import EximLog, SyncLogWriter
 from twisted_mta.queue.deliver import COMPLETED, INCOMPLETE, DeliverySettings
-from twisted_mta.queue.retry import RetryRules, open_retry_database
 
 CONFIG = r"""
 primary_hostname = exim-py.test
@@ -64,18 +58,7 @@ class SocksAndEventsTests(trial.TestCase):
         text = CONFIG.replace("@HOSTS@", hosts).replace(
             "@PORT@", str(port or self.exim.port)).replace("@EXTRA@", extra).replace(
             "@SELECTOR@", selector)
-        config = parse_config_text(text)
-        self.stream = io.StringIO()
-        log = EximLog.from_config(config, reactor, os.getpid(), SyncLogWriter(),
-                                  testing_stream=self.stream)
-        self.retry = open_retry_database(self.tmp, RetryRules(config), clock=reactor)
-
-        async def bounce(message: Any, failed: list[Any]) -> None:
-            self.bounced.extend(failed)
-
-        return DeliverySettings(config, self.spool, log, reactor, reactor,
-                                threadpool=self.pool, retry=self.retry, bounce=bounce,
-                                send_dsns=False)
+        return peer_tests.delivery_settings(self, text)
 
     async def run_delivery(self, recipients: list[str], **kw: Any) -> tuple[str, list[str]]:
         self.settings_used = self.settings(**kw)

@@ -309,6 +309,25 @@ def _require_exim() -> None:
         _require(False, "exim4 -C needs root")
 
 
+def delivery_settings(test: Any, text: str, **kw: Any) -> DeliverySettings:
+    """Delivery settings for the configuration *text* in a peer test: the
+    log lines go to ``test.stream``, failures to ``test.bounced`` (no DSNs
+    unless *kw* gives a ``dsn``), retry hints under ``test.tmp``, blocking
+    work to ``test.pool``."""
+    config = parse_config_text(text)
+    test.stream = io.StringIO()
+    log = EximLog.from_config(config, reactor, os.getpid(), SyncLogWriter(),
+                              testing_stream=test.stream)
+    test.retry = open_retry_database(test.tmp, RetryRules(config), clock=reactor)
+
+    async def bounce(message: Any, failed: list[Any]) -> None:
+        test.bounced.extend(failed)
+
+    kw.setdefault("send_dsns", "dsn" in kw)
+    return DeliverySettings(config, test.spool, log, reactor, reactor,
+                            threadpool=test.pool, retry=test.retry, bounce=bounce, **kw)
+
+
 class DeliveryToEximTests(trial.TestCase):
 
     def setUp(self) -> None:
@@ -328,19 +347,7 @@ class DeliveryToEximTests(trial.TestCase):
                  extra: str = "") -> DeliverySettings:
         text = SENDER_CONFIG.replace("@HOSTS@", hosts).replace(
             "@PORT@", str(port or self.exim.port)).replace("@EXTRA@", extra)
-        config = parse_config_text(text)
-        self.stream = io.StringIO()
-        log = EximLog.from_config(config, reactor, os.getpid(), SyncLogWriter(),
-                                  testing_stream=self.stream)
-        self.retry = open_retry_database(self.tmp, RetryRules(config), clock=reactor)
-
-        async def bounce(message: Any, failed: list[Any]) -> None:
-            self.bounced.extend(failed)
-            return None
-
-        return DeliverySettings(config, self.spool, log, reactor, reactor,
-                                threadpool=self.pool, retry=self.retry, bounce=bounce,
-                                send_dsns=False)
+        return delivery_settings(self, text)
 
     async def deliver(self, settings: DeliverySettings, recipients: list[str],
                       number: int = 1, subject: str = "smtp transport",
