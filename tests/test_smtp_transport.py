@@ -418,6 +418,19 @@ class DeliveryToEximTests(trial.TestCase):
         self.assertTrue(self.bounced[0].extra["smtp_greeting"].startswith("220 "))
         self.assertIn("Hello exim-py.test", self.bounced[0].extra["helo_response"])
         self.assertEqual(len(self.exim_messages()), 1)
+        # The remote reply reaches the bounce, and with dsn_extra_info the
+        # remote MTA's greeting, EHLO reply and X-Exim-Diagnostic too.
+        from twisted_mta.dsn import DsnOptions, bounce_dsn
+        text = bounce_dsn(SpoolMessage(id="1xa0Ih-00035i-01", sender=SENDER, received=(0, 0),
+                                       received_complete=(0, 0)), self.bounced,
+                          SENDER, DsnOptions("M", "exim-py.test", "exim-py.test",
+                                             extra_info=True), "B", "", with_body=False)
+        self.assertIn("Remote-MTA: dns; 127.0.0.1\n", text)
+        self.assertIn("Diagnostic-Code: smtp; 550 no such user\n", text)
+        self.assertIn("Remote-MTA: X-ip; [127.0.0.1]:", text)
+        self.assertRegex(text, r"X-Remote-MTA-smtp-greeting: X-str; 220 ")
+        self.assertIn("X-Exim-Diagnostic: X-str; SMTP error from remote mail server after "
+                      "RCPT\n TO:<nosuch@y.test>: 550 no such user\n", text)
 
     async def test_4xx_recipient_is_deferred_with_a_retry_record(self) -> None:
         outcome, lines = await self.run_delivery(["later@y.test", "a@y.test"])
