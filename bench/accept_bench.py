@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -147,20 +148,12 @@ class Server:
             self.process = subprocess.Popen(argv, cwd=self.directory, env=env,
                                             stdin=subprocess.DEVNULL, stdout=out,
                                             stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        if not wait_for_banner(self.port, 30, lambda: self.process.poll() is None):
             if self.process.poll() is not None:
                 raise BenchError(f"{self.name} exited with {self.process.returncode} "
                                  f"at start-up\n{self.report()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                    if s.recv(200).startswith(b"220"):
-                        s.sendall(b"QUIT\r\n")
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise BenchError(f"{self.name}: no banner on port {self.port} in 30 s\n{self.report()}")
+            raise BenchError(f"{self.name}: no banner on port {self.port} in 30 s\n"
+                             f"{self.report()}")
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -280,6 +273,22 @@ def one_run(server: Server, size: int, sessions: int, count: int,
         raise BenchError(f"{server.name}: {expected} messages spooled, {after} after "
                          f"shutdown\n{server.report()}")
     return count / spool_seconds, count / seconds
+
+
+def wait_for_banner(port: int, seconds: float, running: Callable[[], bool]) -> bool:
+    """Wait until a server on *port* sends a 220 banner (True), gives up
+    after *seconds* or as soon as *running()* is false (False)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and running():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                if s.recv(200).startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return False
 
 
 def arguments(doc: str, small: int, large: int) -> argparse.ArgumentParser:

@@ -32,7 +32,6 @@ import os
 import pwd
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from accept_bench import (  # noqa: E402
     cannot_run,
     free_port,
     send,
+    wait_for_banner,
 )
 
 SMTP_SINK = POSTFIX / "usr" / "sbin" / "smtp-sink"
@@ -149,20 +149,12 @@ class Sink:
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                said = self.process.stderr.read() if self.process.stderr else b""
-                raise BenchError(f"smtp-sink exited with {self.process.returncode}: "
-                                 f"{said.decode(errors='replace')}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                    if s.recv(200).startswith(b"220"):
-                        s.sendall(b"QUIT\r\n")
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
+        if wait_for_banner(self.port, 10, lambda: self.process.poll() is None):
+            return
+        if self.process.poll() is not None:
+            said = self.process.stderr.read() if self.process.stderr else b""
+            raise BenchError(f"smtp-sink exited with {self.process.returncode}: "
+                             f"{said.decode(errors='replace')}")
         raise BenchError(f"smtp-sink: no banner on port {self.port} in 10 s")
 
     def _read(self) -> None:

@@ -527,6 +527,47 @@ class ManualrouteTests(unittest.TestCase):
 
 class HostLookupTests(unittest.TestCase):
 
+    def test_self_freeze_log_lines(self) -> None:
+        """rf_self_action()'s line for self = freeze in Exim 4.96: during a
+        delivery, with the message id and no address (real exim4 -odi
+        logs "1xa2sq-0006Xw-0W remote host address is the local host:
+        relay.test" before the == line); while verifying at SMTP time;
+        and for -bt.  self = defer logs nothing."""
+
+        class Log:
+            def __init__(self) -> None:
+                self.lines: list[tuple[Any, ...]] = []
+
+            def main(self, *args: Any) -> None:
+                self.lines.append(args)
+
+        def route(action: str, variables: dict[str, Any]) -> tuple[Any, Log]:
+            ctx = ExpansionContext(variables=variables)
+            ctx.log = log = Log()
+            rctx = SimpleNamespace(ctx=ctx)
+            address = DeliveryAddress("rcpt@relay.test")
+            result = run(hostlookup.self_action({"self": action}, address,
+                                                HostItem("127.0.0.1", mx=-1), rctx))
+            return result, log
+
+        result, log = route("freeze", {"message_exim_id": "1xa2sq-0006Xw-0W"})
+        self.assertEqual(log.lines, [("remote host address is the local host: relay.test",
+                                      "1xa2sq-0006Xw-0W")])
+        self.assertEqual(result.message, "remote host address is the local host")
+        _, log = route("freeze", {"sender_fullhost": "(helo) [192.0.2.1]"})
+        self.assertEqual(log.lines, [("remote host address is the local host: relay.test "
+                                      "(while verifying <rcpt@relay.test> from host "
+                                      "(helo) [192.0.2.1])",)])
+        _, log = route("freeze", {})
+        self.assertEqual(log.lines, [("remote host address is the local host: relay.test "
+                                      "(while routing <rcpt@relay.test>)",)])
+        _, log = route("defer", {"message_exim_id": "1xa2sq-0006Xw-0W"})
+        self.assertEqual(log.lines, [])
+        host = HostItem("mx.relay.test", mx=10)
+        self.assertEqual(hostlookup.self_log_line(hostlookup.self_message(host),
+                                                  DeliveryAddress("a@relay.test"), "id", None),
+                         "lowest numbered MX record points to local host: relay.test")
+
     def test_get_port(self) -> None:
         cases = {"host:25": ("host", 25), "[2001:db8::1]:26": ("2001:db8::1", 26),
                  "2001:db8::1": ("2001:db8::1", None), "1.2.3.4": ("1.2.3.4", None),

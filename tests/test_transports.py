@@ -43,9 +43,11 @@ from twisted_mta.taint import Tainted
 from twisted_mta.transports import drivers
 from twisted_mta.transports.base import TransportJob
 from twisted_mta.transports.message import (
+    CHUNK_SIZE,
     MessageStream,
     WriteOptions,
     _LineFilter,
+    next_chunk,
     spool_message_size,
 )
 from twisted_mta.transports.process import split_command
@@ -361,13 +363,52 @@ class MessageStreamTests(trial.TestCase):
         self.assertEqual(b"".join(stream), b"H: v\n\n")
 
     def test_big_body_streams_in_chunks(self) -> None:
-        body = (b"From here\n" + b"x" * 1000 + b"\n") * 300
+        body = (b"From here\n" + b"x" * 1000 + b"\n") * 700
         job = self.job(body)
         stream = MessageStream(None, job.data_path, WriteOptions(check_string="From ",
                                                                  escape_string=">From "))
         chunks = list(stream)
-        self.assertGreater(len(chunks), 3)
+        self.assertGreater(len(chunks), 2)
+        # Each chunk is bounded: at most a read's worth over CHUNK_SIZE.
+        self.assertLess(max(len(c) for c in chunks), 2 * CHUNK_SIZE + 1000)
         self.assertEqual(b"".join(chunks), body.replace(b"From here", b">From here"))
+        self.assertEqual(stream.count, len(b"".join(chunks)))
+
+    def test_small_message_is_one_trip_to_the_pool(self) -> None:
+        """Headers, body and final dot of a small message come in one
+        chunk, and next_chunk knows the end without another trip."""
+        job = self.job(b"line\n.dot\n" * 50)
+        trips: list[Any] = []
+        pool = job.threadpool
+
+        class CountingPool:
+            def callInThreadWithCallback(self, *args: Any) -> None:
+                trips.append(args[1])
+                pool.callInThreadWithCallback(*args)
+
+        job.threadpool = CountingPool()
+        options = WriteOptions(use_crlf=True, end_dot=True, check_string=".",
+                               escape_string="..")
+        stream = MessageStream("H: v\n\n", job.data_path, options)
+        chunks = iter(stream)
+        got = []
+        while (chunk := run_sync(defer.Deferred.fromCoroutine(next_chunk(job, chunks)))):
+            got.append(chunk)
+        self.assertEqual(got, [b"H: v\r\n\r\n" + b"line\r\n..dot\r\n" * 50 + b".\r\n"])
+        self.assertEqual(len(trips), 1)
+        self.assertEqual(stream.count, len(got[0]))
+        self.assertEqual(stream.newlines, 2 + 100)
+
+    def test_error_after_gathered_pieces(self) -> None:
+        """The pieces produced before a failure are still returned, the
+        failure coming with the next chunk, as when every piece was a chunk."""
+        job = self.job(b"body\n")
+        os.unlink(job.data_path)
+        chunks = iter(MessageStream("H: v\n\n", job.data_path, WriteOptions(),
+                                    before=b"B\n"))
+        self.assertEqual(next(chunks), b"B\nH: v\n\n")
+        self.assertRaises(FileNotFoundError, next, chunks)
+        self.assertRaises(StopIteration, next, chunks)
 
 
 class SplitCommandTests(unittest.TestCase):

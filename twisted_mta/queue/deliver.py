@@ -879,6 +879,8 @@ class MessageDelivery:
         settings = self.settings
         ctx = ExpansionContext(config=self.config, reactor=settings.reactor,
                                threadpool=settings.threadpool, resolver=settings.resolver)
+        # Routing logs through it (a router's self = freeze line).
+        ctx.log = settings.log
         variables = ctx.variables
         incoming = IncomingMessage(headers=[Header(h.text, h.flag) for h in message.headers])
         variables["__headers__"] = incoming.decoded_header_values()

@@ -966,7 +966,7 @@ async def self_action(router: Any, address: DeliveryAddress, host: HostItem,
         return RouterResult(FAIL, message, pass_message=True)
     if action == "defer":
         return RouterResult(DEFER, message)
-    _log_self(rctx, router, address, message)
+    _log_self(rctx, address, message)
     address.special_action = "freeze"
     return RouterResult(DEFER, message)
 
@@ -981,14 +981,47 @@ def reroute(address: DeliveryAddress, domain: str) -> Any:
     return RouterResult(REROUTE, children=[child])
 
 
-def _log_self(rctx: Any, router: Any, address: DeliveryAddress, message: str) -> None:
-    log = getattr(rctx, "log", None) or getattr(rctx.ctx, "log", None)
-    if log is None or not hasattr(log, "main"):
+def self_log_line(message: str, address: DeliveryAddress, message_id: str | None,
+                  fullhost: str | None) -> str:
+    """The main-log line rf_self_action() writes for ``self = freeze``
+    (Exim 4.96).  During a delivery (a message id) the address is left out,
+    as the delivery's own line names it; at SMTP time (no message id yet)
+    the line names the address being verified and the client, otherwise
+    (-bt, -bv) the address being routed."""
+    line = f"{message}: {address.domain}"
+    if message_id:
+        return line
+    if fullhost:
+        return f"{line} (while verifying <{address.address}> from host {fullhost})"
+    return f"{line} (while routing <{address.address}>)"
+
+
+def _log_self(rctx: Any, address: DeliveryAddress, message: str) -> None:
+    """Write self_log_line() to the context's log (``ctx.log``: a
+    twisted_mta.log.Log, or -bt's StderrLog), which Exim's log_write()
+    starts with the message id when there is one."""
+    log = getattr(rctx.ctx, "log", None)
+    if log is None:
         return
+    message_id = _text_variable(rctx.ctx, "message_exim_id")
+    text = self_log_line(message, address, message_id,
+                         _text_variable(rctx.ctx, "sender_fullhost"))
     try:
-        log.main(f"{message}: {address.domain} (while routing <{address.address}>)")
+        if message_id:
+            log.main(text, message_id)
+        else:
+            log.main(text)
     except Exception:  # logging must never break routing
         pass
+
+
+def _text_variable(ctx: Any, name: str) -> str | None:
+    """An expansion variable's value (variables may be callables), None
+    when unset or empty."""
+    value = ctx.variables.get(name)
+    if callable(value):
+        value = value()
+    return str(value) if value else None
 
 
 # -- manualroute's host list (rf_lookup_hostlist) ---------------------------------------------

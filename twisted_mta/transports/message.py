@@ -10,7 +10,9 @@ line), with the line-ending and ``check_string`` processing applied.  The
 stream reads the spool file, so it is iterated in a worker thread; a
 driver writing to a file does the whole loop in one thread call
 (:func:`write_all_to_fd`), a driver writing to a pipe or socket fetches
-one chunk at a time (:func:`next_chunk`).
+one chunk at a time (:func:`next_chunk`).  A chunk gathers everything up to
+:data:`CHUNK_SIZE` bytes, so a message of up to that size (headers, body
+and final dot) is produced in a single trip to the thread pool.
 
 What is written, in Exim's order:
 
@@ -42,8 +44,12 @@ from twisted_mta.expand.errors import ExpansionError, ForcedFailure
 from twisted_mta.transports.common import expand, run_blocking
 from twisted_mta.values import split_list_with
 
-#: How much of the -D file is read at a time.
-CHUNK_SIZE = 64 * 1024
+#: How many bytes a chunk of a MessageStream gathers, and how much of the
+#: -D file one read asks for.  Each chunk is one trip to the thread pool
+#: for a driver writing to a socket or pipe, which costs far more than
+#: copying a few hundred KiB; the bound keeps a big message from being
+#: held in memory whole.
+CHUNK_SIZE = 256 * 1024
 
 
 @dataclass
@@ -259,10 +265,7 @@ class MessageStream:
         self.newlines = 0
 
     def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._chunks():
-            if chunk:
-                self.count += len(chunk)
-                yield chunk
+        return _Chunks(self, self._chunks())
 
     def _chunks(self) -> Iterator[bytes]:
         opts = self.options
@@ -297,6 +300,51 @@ class MessageStream:
         yield self.after
 
 
+class _Chunks(Iterator[bytes]):
+    """The iterator of a MessageStream: its pieces (header section, body
+    reads, final dot...) gathered into chunks of at least CHUNK_SIZE bytes
+    but the last.  *finished* is set as the last chunk is returned, so that
+    :func:`next_chunk` knows the end without another trip to the thread
+    pool.  An error while gathering (the -D file unreadable) is raised by
+    the call after the one returning the pieces gathered before it, so a
+    driver still writes the bytes produced before the error."""
+
+    def __init__(self, stream: MessageStream, pieces: Iterator[bytes]) -> None:
+        self.stream = stream
+        self.pieces = pieces
+        self.finished = False
+        self.error: Exception | None = None
+
+    def __next__(self) -> bytes:
+        if self.error is not None:
+            error, self.error = self.error, None
+            self.finished = True
+            raise error
+        if self.finished:
+            raise StopIteration
+        gathered: list[bytes] = []
+        size = 0
+        try:
+            for piece in self.pieces:
+                if piece:
+                    gathered.append(piece)
+                    size += len(piece)
+                    if size >= CHUNK_SIZE:
+                        break
+            else:
+                self.finished = True
+        except Exception as e:
+            if not gathered:
+                self.finished = True
+                raise
+            self.error = e
+        if not gathered:
+            raise StopIteration
+        chunk = gathered[0] if len(gathered) == 1 else b"".join(gathered)
+        self.stream.count += size
+        return chunk
+
+
 def _skip_id_line(f: Any, path: str) -> None:
     """Position *f* after the -D file's first line, ``<id>-D``."""
     first = f.readline(256)
@@ -320,7 +368,10 @@ _END = object()
 
 async def next_chunk(job: Any, chunks: Iterator[bytes]) -> bytes | None:
     """The next chunk of *chunks*, read in the job's thread pool; None at
-    the end."""
+    the end (known without the pool once a MessageStream's iterator has
+    returned its last chunk)."""
+    if isinstance(chunks, _Chunks) and chunks.finished:
+        return None
     chunk = await run_blocking(job, next, chunks, _END)
     return None if chunk is _END else chunk
 
