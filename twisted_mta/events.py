@@ -44,9 +44,12 @@ from twisted_mta.expand.errors import ExpansionError, ForcedFailure
 #: Exim's ERRNO_EVENT: an event action asked for another result.
 ERRNO_EVENT = -58
 
-#: The variables an event sets, with their old TPDA names.
-_EVENT_VARIABLES = ("event_name", "event_data", "event_defer_errno",
-                    "tpda_event_name", "tpda_event_data", "tpda_event_defer_errno")
+#: The variables an event sets, each with its old TPDA names (the
+#: experimental spec's ``$tpda_event``, ``$tpda_data``, ``$tpda_defer_errno``).
+_NAME_VARIABLES = ("event_name", "tpda_event_name", "tpda_event")
+_DATA_VARIABLES = ("event_data", "tpda_event_data", "tpda_data")
+_ERRNO_VARIABLES = ("event_defer_errno", "tpda_event_defer_errno", "tpda_defer_errno")
+_EVENT_VARIABLES = _NAME_VARIABLES + _DATA_VARIABLES + _ERRNO_VARIABLES
 
 #: The drivers whose address message is the event data (Exim's test in
 #: msg_event_raise()).
@@ -99,12 +102,12 @@ async def event_raise(ctx: Any, action: str | None, name: str, data: str | None 
         return None
     variables = ctx.variables
     saved = {k: variables[k] for k in _EVENT_VARIABLES if k in variables}
-    variables["event_name"] = variables["tpda_event_name"] = name
-    variables["event_data"] = variables["tpda_event_data"] = data or ""
+    values = dict.fromkeys(_NAME_VARIABLES, name) | dict.fromkeys(_DATA_VARIABLES, data or "")
     if defer_errno is not None:
-        variables["event_defer_errno"] = variables["tpda_event_defer_errno"] = str(defer_errno)
+        values |= dict.fromkeys(_ERRNO_VARIABLES, str(defer_errno))
     elif "event_defer_errno" not in variables:
-        variables["event_defer_errno"] = variables["tpda_event_defer_errno"] = "0"
+        values |= dict.fromkeys(_ERRNO_VARIABLES, "0")
+    variables.update(values)
     had_session = hasattr(ctx, "acl_session")
     session = getattr(ctx, "acl_session", None)
     if session is None:
@@ -126,9 +129,8 @@ async def event_raise(ctx: Any, action: str | None, name: str, data: str | None 
                 ctx.acl_session = None
             else:
                 del ctx.acl_session
-        for k in ("event_name", "event_data", "tpda_event_name", "tpda_event_data"):
+        for k in _NAME_VARIABLES + _DATA_VARIABLES:
             variables.pop(k, None)
-        for k in ("event_name", "event_data", "tpda_event_name", "tpda_event_data"):
             if k in saved:
                 variables[k] = saved[k]
     if result:
