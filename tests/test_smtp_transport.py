@@ -105,6 +105,20 @@ class ClientProtocolTests(trial.TestCase):
         self.assertEqual(result.rcpt_replies[2].text, "550-no such\n550 user")
         self.assertEqual(result.data_reply.text, "250 OK id=1abc")
 
+    def test_hosts_avoid_pipelining_waits_for_each_reply(self) -> None:
+        client, transport, _ = self._start(EHLO_FULL)
+        client.pipelining = False
+        d = defer.Deferred.fromCoroutine(client.transaction(SENDER, ["a@y"], [b".\r\n"]))
+        self.assertEqual(_take(transport), b"MAIL FROM:<s@x.test>\r\n")
+        client.protocol.dataReceived(b"250 OK\r\n")
+        self.assertEqual(_take(transport), b"RCPT TO:<a@y>\r\n")
+        client.protocol.dataReceived(b"250 OK\r\n")
+        self.assertEqual(_take(transport), b"DATA\r\n")
+        client.protocol.dataReceived(b"354 go\r\n")
+        self.assertEqual(_take(transport), b".\r\n")
+        client.protocol.dataReceived(b"250 done\r\n")
+        self.assertEqual(self.successResultOf(d).data_reply.code, 250)
+
     def test_without_pipelining_commands_wait_for_replies(self) -> None:
         client, transport, _ = self._start(b"250-mx.test\r\n250 SIZE\r\n")
         d = defer.Deferred.fromCoroutine(client.transaction(
@@ -477,6 +491,44 @@ class DeliveryToEximTests(trial.TestCase):
         record = self.retry.read_any(f"T:127.0.0.2:127.0.0.2:{port}")
         self.assertIsNotNone(record)
         self.assertEqual(record.basic_errno, 111)
+
+    async def test_hosts_max_try(self) -> None:
+        # Nothing listens on 127.0.0.2-4 (exim4 is bound to 127.0.0.1 only).
+        hosts = "  hosts = 127.0.0.2 : 127.0.0.3 : 127.0.0.4\n  hosts_override\n"
+        outcome, lines = await self.run_delivery(["a@y.test"],
+                                                 extra=hosts + "  hosts_max_try = 2\n")
+        self.assertEqual(outcome, INCOMPLETE, lines)
+        refused = [x for x in lines if x.startswith("H=")]
+        self.assertEqual(refused, ["H=127.0.0.2 [127.0.0.2] Connection refused",
+                                   "H=127.0.0.3 [127.0.0.3] Connection refused"])
+
+    async def test_hosts_max_try_hardlimit(self) -> None:
+        hosts = "  hosts = 127.0.0.2 : 127.0.0.3 : 127.0.0.4\n  hosts_override\n"
+        outcome, lines = await self.run_delivery(
+            ["a@y.test"], extra=hosts + "  hosts_max_try_hardlimit = 1\n")
+        self.assertEqual([x for x in lines if x.startswith("H=")],
+                         ["H=127.0.0.2 [127.0.0.2] Connection refused"])
+
+    async def test_hosts_randomize(self) -> None:
+        import twisted_mta.transports.smtp as smtp_transport
+        self.patch(smtp_transport.random, "sample", lambda items, n: list(reversed(items)))
+        hosts = "  hosts = 127.0.0.2 : 127.0.0.3 : 127.0.0.4\n  hosts_override\n"
+        for number, option, first in ((1, "", "127.0.0.2"),
+                                      (2, "  hosts_randomize\n", "127.0.0.4")):
+            # A fresh retry database: the first run's hosts must not be skipped.
+            shutil.rmtree(os.path.join(self.tmp, "db"), ignore_errors=True)
+            self.settings_used = self.settings(extra=hosts + option)
+            outcome, lines = await self.deliver(self.settings_used, ["a@y.test"],
+                                                number=number)
+            refused = [x for x in lines if x.startswith("H=")]
+            self.assertEqual(refused[0], f"H={first} [{first}] Connection refused")
+
+    async def test_hosts_avoid_esmtp(self) -> None:
+        outcome, lines = await self.run_delivery(["a@y.test"],
+                                                 extra="  hosts_avoid_esmtp = *\n")
+        self.assertEqual(outcome, COMPLETED, lines)
+        self.assertRegex(self.exim.mainlog(), r" <= s@x\.test H=\(exim-py\.test\) "
+                         r"\[127\.0\.0\.1\] P=smtp ")
 
     async def test_max_rcpt_splits_the_batch(self) -> None:
         outcome, lines = await self.run_delivery(["a@y.test", "b@y.test", "c@y.test"],

@@ -384,6 +384,8 @@ class SMTPClient:
         self.greeting_reply: Reply | None = None
         self.hello_reply: Reply | None = None
         self.ehlo_reply: Reply | None = None
+        #: False for a host in hosts_avoid_pipelining: never pipeline.
+        self.pipelining = True
         self.count = 0
 
     # -- the primitives ---------------------------------------------------------------
@@ -556,7 +558,7 @@ class SMTPClient:
         *chunks* (from L{bdat_chunks}): send the message with BDAT instead
         (*data* is then unused); see L{_bdat}."""
         result = TransactionResult()
-        pipelining = self.offers("PIPELINING")
+        pipelining = self.pipelining and self.offers("PIPELINING")
         mail = f"MAIL FROM:<{sender}>"
         if size is not None and self.offers("SIZE"):
             mail += f" SIZE={size}"

@@ -40,8 +40,10 @@ doc/smtp-transport.md, "AUTH".
 CHUNKING (BDAT) and SMTPUTF8 (with downconversion): "CHUNKING and
 SMTPUTF8".  OCSP stapling and ``protocol = smtps``: doc/ocsp.md.
 
-Not yet: ``hosts_max_try``, ``serialize_hosts``, ``hosts_avoid_esmtp`` ...,
-transport filters.
+Several messages per connection (``ContinuedConnection``, with
+twisted_mta/queue/waiting.py), ``hosts_max_try``, ``hosts_randomize``,
+``hosts_avoid_esmtp``, ``hosts_avoid_pipelining``: doc/smtp-transport.md.
+Not yet: DANE, ``serialize_hosts``, transport filters.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import datetime
 import errno as E
 import ipaddress
 import os
+import random
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -200,6 +203,9 @@ class SmtpTransport:
         if not hosts:
             return defer(f"No hosts specified for {instance.name} transport",
                          C.ERRNO_UNKNOWNERROR)
+        if instance.get("hosts_randomize") and all(h.mx < 0 for h in hosts):
+            # Exim: a list that did not come from MX records, in random order.
+            hosts = random.sample(hosts, len(hosts))
         fallback = first.extra.get("fallback_hosts") or instance.get("fallback_hosts")
         fallback_hosts: list[Host] = []
         if fallback:
@@ -380,7 +386,16 @@ class _Attempt:
         job = self.job
         self.addresses = addresses
         last: Outcome | None = None
-        for host in hosts:
+        max_try = int(self.instance.get("hosts_max_try") or 0)
+        hard_limit = int(self.instance.get("hosts_max_try_hardlimit") or 0)
+        unexpired_tried = total_tried = 0
+        index = 0
+        while index < len(hosts):
+            host = hosts[index]
+            index += 1
+            if total_tried and (unexpired_tried >= max_try or total_tried >= hard_limit):
+                # Exim's hosts_max_try: the rest wait for the next attempt.
+                break
             port = host.port or default_port
             if host.address is None:
                 last = defer(f"host lookup for {host.name} did not complete",
@@ -396,6 +411,7 @@ class _Attempt:
                     port_string=key_string, include_ip=include_ip,
                     message_id=job.message_id, received_time=self.message.received[0],
                     sender=self.message.sender, force=self.force, ctx=job.ctx)
+                expired = status.expired
                 if not status.usable:
                     self.hosts_skipped = True
                     job.extra["hosts_skipped"] = True
@@ -403,8 +419,21 @@ class _Attempt:
                         last = defer("retry time not reached for any host for "
                                      f"'{addresses[0].domain.lower()}'", ERRNO_HRETRY)
                     continue
+            else:
+                expired = False
             key = (f"T:{host.name.lower()}:{host.address}{key_string}" if include_ip
                    else f"T:{host.name.lower()}{key_string}")
+            total_tried += 1
+            if not expired:
+                unexpired_tried += 1
+                if unexpired_tried >= max_try:
+                    # Exim: a later host with another MX value still gets
+                    # its turn, the ones between are passed over.
+                    later = next((i for i in range(index, len(hosts))
+                                  if hosts[i].mx != host.mx), None)
+                    if later is not None:
+                        index = later
+                        unexpired_tried -= 1
             done, outcome = await self._try_host(shown, port)
             if not done and outcome is not None and outcome.errno == ERRNO_TLSFAILURE \
                     and self.instance.get("tls_tempfail_tryclear", True) \
@@ -566,7 +595,7 @@ class _Attempt:
             if isinstance(result, Outcome):
                 return result
             if result is None:
-                await self._hello(client)
+                await self._hello(client, host)
                 return None
             if result.digit == "4" and not self.instance.get("tls_tempfail_tryclear", True):
                 raise client.error_reply(result, "STARTTLS")
@@ -578,12 +607,13 @@ class _Attempt:
                            ERRNO_TLSREQUIRED, _more_errno(host), extra={"last_host": host})
         return None
 
-    async def _hello(self, client: SMTPClient) -> None:
+    async def _hello(self, client: SMTPClient, host: Host) -> None:
         """EHLO (HELO when refused), and the ``smtp:ehlo`` event with the
         EHLO reply's lines, refused or not (its result is ignored, as in
         Exim, which raises it before any HELO)."""
+        esmtp = not await self._host_in("hosts_avoid_esmtp", host)
         try:
-            hello = await client.hello(self.helo)
+            hello = await client.hello(self.helo, esmtp=esmtp)
         finally:
             if client.ehlo_reply is not None:
                 await self._connection_event("smtp:ehlo", "\n".join(client.ehlo_reply.lines))
@@ -804,7 +834,7 @@ class _Attempt:
                 return False, Outcome(C.DEFER, "deferred by smtp:connect event expansion: "
                                       f"{forced}", C.ERRNO_EXPANDFAIL, _more_errno(host),
                                       extra={"last_host": host})
-            await self._hello(client)
+            await self._hello(client, host)
             tls_outcome = None if _smtps(self.instance) else \
                 await self._starttls(client, host, suppress_tls)
             if tls_outcome is not None:
@@ -887,6 +917,7 @@ class _Attempt:
         else:
             data = _chunks(job, MessageStream(self.headers, job.data_path, self.options,
                                               wireformat=bool(job.message.wireformat)))
+        client.pipelining = not await self._host_in("hosts_avoid_pipelining", host)
         result = await client.transaction(sender, recipients, data, size=self.size,
                                           eight_bit=self.eight_bit, prdr=prdr,
                                           smtputf8=smtputf8, mail_params=mail_params,
@@ -965,7 +996,7 @@ class _Attempt:
                     confirmation = (address.extra.pop(_PRDR_RESULT, "") + "\\n"
                                     + _printing(result.data_reply))
                     address.extra.setdefault("flags", []).append("PRDR")
-                if client.offers("PIPELINING"):
+                if client.pipelining and client.offers("PIPELINING"):
                     address.extra.setdefault("flags", []).append("L")
                 if result.chunking:
                     address.extra.setdefault("flags", []).append("K")
