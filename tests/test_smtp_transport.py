@@ -492,6 +492,27 @@ class DeliveryToEximTests(trial.TestCase):
         self.assertIsNotNone(record)
         self.assertEqual(record.basic_errno, 111)
 
+    async def test_rcpt_4xx_is_tried_at_the_next_host(self) -> None:
+        # The first Exim defers later@y.test at RCPT; a second one takes it.
+        second = Exim4Daemon(RECEIVER_CONFIG.replace(
+            "  defer   local_parts = later\n          message = try again later\n", ""))
+        self.addCleanup(second.cleanup)
+        second.start()
+        hosts = (f"  hosts = 127.0.0.1::{self.exim.port} : 127.0.0.1::{second.port}\n"
+                 "  hosts_override\n")
+        outcome, lines = await self.run_delivery(["a@y.test", "later@y.test"], extra=hosts)
+        self.assertEqual(outcome, COMPLETED, lines)
+        self.assertEqual(lines[0], "H=127.0.0.1 [127.0.0.1]: SMTP error from remote mail "
+                         "server after RCPT TO:<later@y.test>: 451 try again later")
+        self.assertRegex(lines[1], r"^=> a@y\.test R=remote T=remote_smtp H=127\.0\.0\.1 ")
+        # One transport run: "->", as for any address after the first.
+        self.assertRegex(lines[2], r"^-> later@y\.test R=remote T=remote_smtp "
+                         r"H=127\.0\.0\.1 \[127\.0\.0\.1\] K C=")
+        self.assertEqual(len(self.exim_messages()), 1)
+        self.assertIn(" <= s@x.test ", second.mainlog())
+        # Delivered: the address retry record made at the first host is gone.
+        self.assertIsNone(self.retry.read_any("R:later@y.test:<s@x.test>"))
+
     async def test_hosts_max_try(self) -> None:
         # Nothing listens on 127.0.0.2-4 (exim4 is bound to 127.0.0.1 only).
         hosts = "  hosts = 127.0.0.2 : 127.0.0.3 : 127.0.0.4\n  hosts_override\n"

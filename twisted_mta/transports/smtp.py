@@ -372,6 +372,7 @@ class _Attempt:
         self.retry_items: list[RetryItem] = job.extra.setdefault("retry_items", [])
         self._clean = False
         self._parked = False
+        self._more_hosts = False
 
     def _retry_port_string(self, port: int) -> str:
         text = "" if port == 25 else f":{port}"
@@ -434,6 +435,7 @@ class _Attempt:
                     if later is not None:
                         index = later
                         unexpired_tried -= 1
+            self._more_hosts = index < len(hosts)
             done, outcome = await self._try_host(shown, port)
             if not done and outcome is not None and outcome.errno == ERRNO_TLSFAILURE \
                     and self.instance.get("tls_tempfail_tryclear", True) \
@@ -452,7 +454,18 @@ class _Attempt:
                 done, outcome = await self._try_host(shown, port, suppress_tls=True)
             if done:
                 self.retry_items.append(RetryItem(key, host=True, delete=True))
-                return None
+                later = [a for a in self.addresses
+                         if a.status == DEFERRED and a.basic_errno == C.ERRNO_RCPT4XX]
+                if not (later and self._more_hosts):
+                    return None
+                # Exim: a RCPT 4xx defers the address at this host only; it
+                # is logged and tried at the next one.
+                for address in later:
+                    self._log_host_error(host, port, Outcome(C.DEFER, address.message, 0))
+                    address.status, address.host_used = PENDING, None
+                self.addresses = addresses = later
+                last = None
+                continue
             if outcome is not None:
                 if outcome.errno != ERRNO_TLSFAILURE:
                     # Exim's write_logs() is skipped for TLS failures.
@@ -488,14 +501,14 @@ class _Attempt:
                              message_id=job.message_id)
 
     async def _rcpt_defer_events(self, address: DeliveryAddress, host: Host) -> None:
-        """``msg:rcpt:host:defer`` and ``msg:rcpt:defer`` for a RCPT 4xx
-        (Exim's sync_responses(); the second is Exim's for the last host,
-        and no other host is tried for the address here), with
+        """``msg:rcpt:host:defer`` for a RCPT 4xx, and ``msg:rcpt:defer``
+        too at the last host (Exim's sync_responses()), with
         ``$event_defer_errno`` the more_errno (the code's digits << 8)."""
         if not transport_action(self.instance):
             return
         job = self.job
-        for name in ("msg:rcpt:host:defer", "msg:rcpt:defer"):
+        names = ["msg:rcpt:host:defer"] + ([] if self._more_hosts else ["msg:rcpt:defer"])
+        for name in names:
             await deferred_event(job.ctx, job.config, name, address, host, log=job.log,
                                  message_id=job.message_id, defer_errno=address.more_errno)
 
