@@ -310,7 +310,9 @@ class MTAService(service.MultiService):
                                         clock=self.reactor),
                                     waiting=WaitingDatabase(
                                         settings.spool.directory,
-                                        run_io=self.threadpool.callInThread))
+                                        run_io=self.threadpool.callInThread,
+                                        transports=[t.name for t in self.config.transports
+                                                    if t.driver == "smtp"]))
         self.queue_runner = QueueRunner(delivery, interval=self.queue_interval)
         self.queue_runner.setServiceParent(self)
         settings.on_message = self.queue_runner.deliver_now

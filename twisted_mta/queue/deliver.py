@@ -154,8 +154,7 @@ class MessageDelivery:
         for connection in parked:
             try:
                 while connection.has_room:
-                    message_id = self.settings.waiting.take(
-                        connection.transport, connection.host.name, self._waiting_state)
+                    message_id = await self._next_waiting(connection)
                     if message_id is None:
                         break
                     connection.sequence += 1
@@ -165,14 +164,24 @@ class MessageDelivery:
             finally:
                 await connection.close()
 
-    def _waiting_state(self, message_id: str) -> str:
+    async def _next_waiting(self, connection: Any) -> str | None:
+        """The next message waiting for the connection's host, taken off
+        its list: not being delivered here, still on the spool (looked at
+        in the thread pool)."""
         from twisted_mta.queue.waiting import BUSY, GONE, READY
 
-        if message_id in self.settings.active:
-            return BUSY
-        if not os.path.exists(self.settings.spool.locate(message_id).header):
-            return GONE
-        return READY
+        waiting, spool = self.settings.waiting, self.settings.spool
+        states: dict[str, str] = {}
+        for message_id in waiting.waiting(connection.transport, connection.host.name):
+            if message_id in self.settings.active:
+                states[message_id] = BUSY
+                continue
+            there = await self._io(lambda m=message_id: os.path.exists(spool.locate(m).header))
+            states[message_id] = READY if there else GONE
+            if there:
+                break
+        return waiting.take(connection.transport, connection.host.name,
+                            lambda m: states.get(m, BUSY))
 
     def _wants_hand_on(self, transport: str, host: Any) -> bool:
         """Whether other messages wait for *host* (the smtp transport then

@@ -29,14 +29,19 @@ READY, BUSY, GONE = "ready", "busy", "gone"
 
 
 class WaitingDatabase:
-    """The ``wait-<transport>`` databases under ``<spool>/db``, opened on
-    first use (*run_io* as for L{HintsStore})."""
+    """The ``wait-<transport>`` databases under ``<spool>/db`` (*run_io* as
+    for L{HintsStore}).  Those of *transports* are read now, so that a
+    daemon does not read them on its reactor thread later; others on first
+    use."""
 
     def __init__(self, spool_directory: str,
-                 run_io: Callable[[Callable[[], None]], Any] | None = None) -> None:
+                 run_io: Callable[[Callable[[], None]], Any] | None = None,
+                 transports: Iterable[str] = ()) -> None:
         self.directory = os.path.join(spool_directory, "db")
         self._run_io = run_io
         self._stores: dict[str, HintsStore] = {}
+        for transport in transports:
+            self._store(transport)
 
     def _store(self, transport: str) -> HintsStore:
         store = self._stores.get(transport)
