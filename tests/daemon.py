@@ -156,9 +156,10 @@ class EximPyDaemon(Peer):
         require_program(self.program)
         env = self.environment()
         with open(os.path.join(self.directory, "output.log"), "ab") as log:
+            # A session of its own: kill9() takes its delivery workers too.
             self.process = subprocess.Popen(
                 self.command(), cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env=env)
+                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         try:
             wait_until(lambda: self.process.poll() is None and self.ready(), timeout=30)
         except AssertionError:
@@ -176,12 +177,35 @@ class EximPyDaemon(Peer):
         return None if self.process is None else self.process.pid
 
     def kill9(self) -> None:
-        """SIGKILL the daemon by its pid and reap it: a crash."""
+        """SIGKILL the daemon and its delivery workers (its process group)
+        and reap it: a crash.  The pipe commands they started run on."""
         if self.process is not None:
             if self.process.poll() is None:
+                for pid in self.worker_pids():
+                    os.kill(pid, signal.SIGKILL)
                 os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait()
         self.process = None
+
+    def worker_pids(self) -> list[int]:
+        """The daemon's delivery worker processes (its children running
+        twisted_mta.queue.workers)."""
+        if self.process is None:
+            return []
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    command = f.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == self.process.pid and b"twisted_mta.queue.workers" in command:
+                found.append(int(entry))
+        return found
 
     def restart(self) -> EximPyDaemon:
         """Stop (if still running) and start again: same port, directory,

@@ -35,6 +35,8 @@ class Options(ManholeOptionsMixin, usage.Options):
         ["config", "C", DEFAULT_CONFIG, "The Exim configuration file to run."],
         ["ports", "X", None, "Override daemon_smtp_ports/local_interfaces (as -oX)."],
         ["queue-interval", "q", None, "Start a queue run this often (as -q30m)."],
+        ["delivery-workers", "W", None, "Processes that deliver (default: one fewer than "
+         "the CPUs, at least one; 0: deliver in the daemon's own process)."],
     ]
 
     def __init__(self) -> None:
@@ -183,9 +185,13 @@ class MTAService(service.MultiService):
 
     def __init__(self, config: Any, reactor: Any = None, ports: str | None = None,
                  queue_interval: int | None = None,
-                 options: Mapping[str, Any] | None = None) -> None:
+                 options: Mapping[str, Any] | None = None,
+                 delivery_workers: int = 0) -> None:
         super().__init__()
         self.config = config
+        #: Worker processes that deliver (twisted_mta/queue/workers.py); 0:
+        #: deliver in this process.
+        self.delivery_workers = delivery_workers
         self.reactor = reactor
         self.ports_override = ports
         self.queue_interval = queue_interval
@@ -313,7 +319,15 @@ class MTAService(service.MultiService):
                                         run_io=self.threadpool.callInThread,
                                         transports=[t.name for t in self.config.transports
                                                     if t.driver == "smtp"]))
-        self.queue_runner = QueueRunner(delivery, interval=self.queue_interval)
+        workers = None
+        if self.delivery_workers:
+            from twisted_mta.queue.workers import DeliveryWorkers
+
+            # Before the runner: stopped after it, once its deliveries end.
+            workers = DeliveryWorkers(self.config, self.delivery_workers, self.reactor)
+            workers.setServiceParent(self)
+        self.queue_runner = QueueRunner(delivery, interval=self.queue_interval,
+                                        workers=workers)
         self.queue_runner.setServiceParent(self)
         settings.on_message = self.queue_runner.deliver_now
 
@@ -401,10 +415,22 @@ class ServiceMaker:
         try:
             return MTAService(config, ports=options["ports"],
                               queue_interval=parse_queue_interval(options["queue-interval"]),
-                              options=options)
+                              options=options,
+                              delivery_workers=parse_worker_count(options["delivery-workers"]))
         except ManholeError as e:
             sys.stderr.write(f"exim-py: {e}\n")
             raise SystemExit(1) from None
+
+
+def parse_worker_count(text: str | None) -> int:
+    """``--delivery-workers``: a count, or the default for this machine."""
+    from twisted_mta.queue.workers import default_worker_count
+
+    if text is None:
+        return default_worker_count()
+    if not text.strip().isdigit():
+        raise usage.UsageError(f'bad number of delivery workers: "{text}"')
+    return int(text)
 
 
 def parse_queue_interval(text: str | None) -> int | None:
@@ -430,13 +456,14 @@ def load_or_exit(path: str, defines: dict[str, str] | None) -> Any:
 
 
 def run_daemon(config: Any, ports: str | None = None, pid_file: str | None = None,
-               queue_interval: int | None = None) -> int:
+               queue_interval: int | None = None, delivery_workers: str | None = None) -> int:
     """``exim-py -bd [-q30m]``: the same service as the twistd plugin, in
     the foreground."""
     from twisted.internet import reactor
 
     try:
-        mta = MTAService(config, reactor=reactor, ports=ports, queue_interval=queue_interval)
+        mta = MTAService(config, reactor=reactor, ports=ports, queue_interval=queue_interval,
+                         delivery_workers=parse_worker_count(delivery_workers))
     except ManholeError as e:
         sys.stderr.write(f"exim-py: {e}\n")
         return 1

@@ -42,6 +42,12 @@ class Macros:
             self._command_line.add(name)
             self._user.append(name)
 
+    @property
+    def command_line(self) -> dict[str, str]:
+        """The ``-D`` definitions, as given (to start another process on
+        the same configuration)."""
+        return {name: self.values[name] for name in self._user if name in self._command_line}
+
     def substitute(self, line: str, logical_start: bool = True) -> tuple[str, bool]:
         """Replace macros in one physical line, as Exim does.
 

@@ -19,7 +19,8 @@ from typing import Any, BinaryIO
 from twisted_mta.queue.deliver import DeliverySettings, MessageDelivery
 
 
-def _settings(config: Any, reactor: Any, threadpool: Any) -> DeliverySettings:
+def _settings(config: Any, reactor: Any, threadpool: Any,
+              log_writer: Any = None) -> DeliverySettings:
     from twisted_mta.dns import Resolver
     from twisted_mta.log import EximLog, SyncLogWriter
     from twisted_mta.queue.retry import RetryRules, open_retry_database
@@ -29,7 +30,7 @@ def _settings(config: Any, reactor: Any, threadpool: Any) -> DeliverySettings:
 
     spool = Spool(config.get("spool_directory") or "./exim-py-spool",
                   split=bool(config.get("split_spool_directory")))
-    log = EximLog.from_config(config, reactor, os.getpid(), SyncLogWriter())
+    log = EximLog.from_config(config, reactor, os.getpid(), log_writer or SyncLogWriter())
     return DeliverySettings(config, spool, log, reactor, reactor, threadpool=threadpool,
                             resolver=Resolver(reactor, threadpool),
                             id_allocator=MessageIdAllocator(reactor.seconds, os.getpid(),
@@ -40,9 +41,11 @@ def _settings(config: Any, reactor: Any, threadpool: Any) -> DeliverySettings:
 
 
 def run_with_reactor(config: Any,
-                     work: Callable[[DeliverySettings], Awaitable[int]]) -> int:
+                     work: Callable[[DeliverySettings], Awaitable[int]],
+                     log_writer: Any = None) -> int:
     """Run *work* with a reactor and a thread pool; its result is the exit
-    status."""
+    status.  The log is written synchronously unless *log_writer* says
+    otherwise."""
     from twisted.internet import defer, reactor
     from twisted.python.threadpool import ThreadPool
 
@@ -60,7 +63,7 @@ def run_with_reactor(config: Any,
         reactor.stop()
 
     def start() -> None:
-        settings = _settings(config, reactor, threadpool)
+        settings = _settings(config, reactor, threadpool, log_writer)
         defer.Deferred.fromCoroutine(work(settings)).addBoth(finished)
 
     reactor.callWhenRunning(start)

@@ -11,6 +11,10 @@ delivered by two coroutines at once (L{DeliverySettings.active} and the
 A DSN spooled during a delivery is delivered as a message just received
 is (L{QueueRunner.deliver_now}); a queue run waits for those it caused
 before it ends, so that ``-q`` from the command line delivers them too.
+
+With delivery workers (twisted_mta/queue/workers.py) the deliveries run in
+those processes instead, on the other CPUs: the runner hands them message
+ids, one at a time for a queue run.
 """
 
 from __future__ import annotations
@@ -35,13 +39,16 @@ class QueueRunner(service.Service):
 
     @param interval: seconds between queue runs, or None for none (the
         daemon then delivers only on reception).
+    @param workers: a L{twisted_mta.queue.workers.DeliveryWorkers} to run
+        the deliveries, or None to run them here.
     """
 
     name = "queue-runner"
 
     def __init__(self, settings: DeliverySettings, interval: float | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, workers: Any = None) -> None:
         self.settings = settings
+        self.workers = workers
         self.interval = interval
         self.rng = rng or random.Random()
         self.runs_in_progress = 0
@@ -78,6 +85,9 @@ class QueueRunner(service.Service):
 
     def deliver_now(self, message_id: str) -> defer.Deferred:
         """A message just received: deliver it unless queue_only says not."""
+        if self.workers is not None:
+            # Each worker limits its own deliveries at once.
+            return self._track(self.workers.deliver(message_id))
         return self._track(self._immediate.run(self._deliver, message_id))
 
     def _deliver_new(self, message_id: str) -> defer.Deferred:
@@ -129,6 +139,10 @@ class QueueRunner(service.Service):
         results = []
         for message_id in order:
             if message_id in self.settings.active:
+                continue
+            if self.workers is not None and not dont_deliver:
+                flags = "q" + ("f" if force else "") + ("t" if thaw else "")
+                results.append(DeliveryResult(await self.workers.deliver(message_id, flags)))
                 continue
             results.append(await MessageDelivery(self.settings, message_id, force=force,
                                                  thaw=thaw, queue_running=True,
