@@ -212,7 +212,8 @@ class MTAService(service.MultiService):
         """What the manhole's Python prompt starts with."""
         return {"service": self, "config": self.config, "spool": self.spool,
                 "settings": self.settings, "sessions": self.sessions,
-                "queue": self.queue_runner}
+                "queue": self.queue_runner,
+                "workers": getattr(self.queue_runner, "workers", None)}
 
     # -- connection accounting -----------------------------------------------
 
