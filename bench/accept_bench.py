@@ -320,6 +320,14 @@ def cannot_run(args: argparse.Namespace) -> str | None:
     return None
 
 
+def print_json(args: argparse.Namespace, elapsed: float, results: list[dict]) -> None:
+    """The --json output: one line with the options and every cell."""
+    print(json.dumps({"repeat": args.repeat, "seconds": round(elapsed, 1),
+                      "spool_in": tempfile.gettempdir() if args.tmpdir is None
+                      else args.tmpdir,
+                      "cells": results}))
+
+
 def main() -> int:
     args = arguments(__doc__, 2000, 300).parse_args()
     small = args.small or (200 if args.quick else 2000)
@@ -367,10 +375,7 @@ def main() -> int:
     elapsed = time.perf_counter() - started
 
     if args.json:
-        print(json.dumps({"repeat": args.repeat, "seconds": round(elapsed, 1),
-                          "spool_in": tempfile.gettempdir() if args.tmpdir is None
-                          else args.tmpdir,
-                          "cells": results}))
+        print_json(args, elapsed, results)
         return 0
     print(f"{'size':>6} {'sessions':>8} {'messages':>8} {'exim4 msg/s':>12} "
           f"{'exim-py msg/s':>13} {'py/exim4':>8}   as smtp-source saw it")

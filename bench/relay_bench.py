@@ -27,14 +27,12 @@ Usage: .venv/bin/python bench/relay_bench.py [--repeat N] [--quick] [--json]
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -50,6 +48,7 @@ from accept_bench import (  # noqa: E402
     arguments,
     cannot_run,
     free_port,
+    print_json,
     send,
     wait_for_banner,
 )
@@ -405,10 +404,7 @@ def main() -> int:
     elapsed = time.perf_counter() - started
 
     if args.json:
-        print(json.dumps({"repeat": args.repeat, "seconds": round(elapsed, 1),
-                          "spool_in": tempfile.gettempdir() if args.tmpdir is None
-                          else args.tmpdir,
-                          "cells": results}))
+        print_json(args, elapsed, results)
         return 0
     print(f"{'':>24} {'relayed msg/s':^22} {'':>8}   {'machine CPU ms/msg':^18}"
           f"   accepted msg/s (smtp-source)")
