@@ -175,6 +175,51 @@ class DeliveryTests(_DeliveryCase):
         self.assertEqual(self.deliver().outcome, COMPLETED)
         self.assertEqual(self.transport.delivered, ["bob@test.ex"])
 
+    def test_frozen_message_keeps_its_journal_until_delivered(self) -> None:
+        """_open reads the journal with the -H file, but it is applied only
+        once the message is not left frozen, as before."""
+        self.spool_message("alice@test.ex", "bob@test.ex", frozen=True)
+        journal = self.spool.locate(MESSAGE_ID).journal
+        with open(journal, "w") as f:
+            f.write("alice@test.ex\n")
+        self.assertEqual(self.deliver().outcome, FROZEN)
+        self.assertTrue(os.path.exists(journal))
+        self.assertEqual(tree_names(self.spool.read_header(MESSAGE_ID).non_recipients), [])
+        self.assertEqual(self.deliver(thaw=True).outcome, COMPLETED)
+        self.assertEqual(self.transport.delivered, ["bob@test.ex"])
+
+    def test_trips_to_the_thread_pool(self) -> None:
+        """Locking, the -H file and the journal take one trip to the thread
+        pool, and the last trip closes the -D file too (closing an unlinked
+        file is slow); no descriptor is left open, whatever the outcome."""
+        from tests.fakes import ImmediateReactor, ImmediateThreadPool
+
+        trips: list[str] = []
+
+        class CountingPool(ImmediateThreadPool):
+            def callInThreadWithCallback(self, on_result: Any, f: Any, *args: Any,
+                                         **kwargs: Any) -> None:
+                if f.__name__ != "_working_directory_problem":  # local deliveries' own
+                    trips.append(f.__name__)
+                super().callInThreadWithCallback(on_result, f, *args, **kwargs)
+
+        self.settings.threadpool = CountingPool()
+        self.settings.reactor = ImmediateReactor()
+        descriptors = len(os.listdir("/proc/self/fd"))
+        self.spool_message("alice@test.ex", "later@test.ex")
+        self.assertEqual(self.deliver().outcome, INCOMPLETE)
+        self.assertEqual(trips, ["_open", "_append_synced", "_rewrite_header"])
+        self.assertEqual(len(os.listdir("/proc/self/fd")), descriptors)
+        trips.clear()
+        self.spool.remove(MESSAGE_ID)
+        self.spool_message("alice@test.ex")
+        self.assertEqual(self.deliver().outcome, COMPLETED)
+        self.assertEqual(trips, ["_open", "_append_synced", "_remove"])
+        self.assertEqual(len(os.listdir("/proc/self/fd")), descriptors)
+        self.spool_message("alice@test.ex", frozen=True)
+        self.assertEqual(self.deliver().outcome, FROZEN)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), descriptors)
+
     def test_frozen_message_is_left(self) -> None:
         self.spool_message("alice@test.ex", frozen=True)
         self.assertEqual(self.deliver().outcome, FROZEN)

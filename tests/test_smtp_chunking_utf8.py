@@ -351,7 +351,8 @@ class _Delivering(_Base):
 
     async def deliver_message(self, recipients: list[str], *, sender: str = SENDER,
                               body: bytes = BODY, smtputf8: bool = False,
-                              extra: str = "") -> tuple[str, list[str]]:
+                              extra: str = "", firsttime: bool = True
+                              ) -> tuple[str, list[str]]:
         settings = self.settings(extra=extra)
         message_id = "1xa0Ih-00035i-07"
         now = int(time.time())
@@ -360,7 +361,7 @@ class _Delivering(_Base):
             received_protocol="utf8esmtp" if smtputf8 else "esmtp",
             recipients=[Recipient(r) for r in recipients],
             headers=[SpoolHeader("Subject: chunking\n"), SpoolHeader("From: s@x.test\n")],
-            deliver_firsttime=True, body_linecount=body.count(b"\n"),
+            deliver_firsttime=firsttime, body_linecount=body.count(b"\n"),
             smtputf8=smtputf8), body)
         from twisted_mta.queue.deliver import MessageDelivery
 
@@ -392,6 +393,25 @@ class ChunkingThroughTheTransportTests(_Delivering):
         self.assertEqual(server.commands[2:], [b"RCPT TO:<a@y.test>",
                                                f"BDAT {len(SENT)} LAST".encode(), b"QUIT"])
         self.assertEqual(server.data, SENT)   # no dot-stuffing, no final dot
+
+    async def test_body_read_with_the_header_sends_the_same(self) -> None:
+        """A first delivery of a small message sends the body the delivery
+        read with the -H file; a later one, or a big message, reads the -D
+        file in the transport: the same commands and bytes either way."""
+        from twisted_mta.transports.message import CHUNK_SIZE
+
+        bodies = [BODY, b"8-bit \xe9\n.\n", b"From x\n..\n" + b"y" * (CHUNK_SIZE + 10) + b"\n"]
+        for body in bodies:
+            for extra in ("", "  hosts_try_chunking ="):
+                seen = []
+                for firsttime in (True, False):
+                    server = self.start_fake(["PIPELINING", "CHUNKING", "8BITMIME"])
+                    outcome, lines = await self.deliver_message(
+                        ["a@y.test"], body=body, extra=extra, firsttime=firsttime)
+                    self.assertEqual(outcome, COMPLETED, lines)
+                    seen.append((server.commands, server.data))
+                self.assertEqual(seen[0], seen[1])
+                self.assertEqual(b"BODY=8BITMIME" in seen[0][0][1], not body.isascii())
 
     async def test_hosts_try_chunking_unset_uses_data(self) -> None:
         server = self.start_fake(["PIPELINING", "CHUNKING"])

@@ -47,8 +47,11 @@ from twisted_mta.transports.message import (
     MessageStream,
     WriteOptions,
     _LineFilter,
+    message_size,
     next_chunk,
+    read_spooled_body,
     spool_message_size,
+    spooled_body,
 )
 from twisted_mta.transports.process import split_command
 
@@ -398,6 +401,48 @@ class MessageStreamTests(trial.TestCase):
         self.assertEqual(len(trips), 1)
         self.assertEqual(stream.count, len(got[0]))
         self.assertEqual(stream.newlines, 2 + 100)
+
+    def test_body_given_gives_the_same_bytes(self) -> None:
+        """A stream given the body already read writes what it would have
+        read from the file (limits, wire format, check strings, a body
+        over a chunk), and reads nothing."""
+        bodies = [b"", b"a\r\nFrom b\r\n.\r\n", b"line\n.dot\nFrom x\n" * 40,
+                  (b"From here\n" + b"x" * 1000 + b"\n") * 300]
+        options = [WriteOptions(use_crlf=True, end_dot=True, check_string=".",
+                                escape_string=".."),
+                   WriteOptions(check_string="From ", escape_string=">From ",
+                                size_limit=25),
+                   WriteOptions(no_body=True)]
+        for body in bodies:
+            job = self.job(body)
+            for wireformat in (False, True):
+                for option in options:
+                    read = MessageStream("H: v\n\n", job.data_path, option,
+                                         wireformat=wireformat)
+                    given = MessageStream("H: v\n\n", "/nonexistent", option,
+                                          wireformat=wireformat, body=body)
+                    self.assertEqual(b"".join(given), b"".join(read))
+                    self.assertEqual((given.count, given.newlines),
+                                     (read.count, read.newlines))
+
+    def test_read_spooled_body(self) -> None:
+        job = self.job(b"line\n" * 10)
+        size = spool_message_size(job.message, job.data_path)
+        self.assertEqual(read_spooled_body(job.message, job.data_path, 50),
+                         (size, b"line\n" * 10))
+        # Too big to keep: the size alone.
+        self.assertEqual(read_spooled_body(job.message, job.data_path, 49), (size, None))
+        self.assertEqual(message_size(job.message, 50), size)
+        with open(job.data_path, "wb") as f:
+            f.write(b"not the id line\nline\n")
+        self.assertEqual(read_spooled_body(job.message, job.data_path, 50)[1], None)
+
+    def test_spooled_body(self) -> None:
+        self.assertEqual(spooled_body(f"{MESSAGE_ID}-D\nbody\n".encode()), b"body\n")
+        self.assertEqual(spooled_body(f"{MESSAGE_ID}-D\n".encode()), b"")
+        # Not the first line a stream accepts: the stream reads and raises.
+        self.assertIsNone(spooled_body(b"x\nbody\n"))
+        self.assertIsNone(spooled_body(b"x" * 300 + b"-D\nbody\n"))
 
     def test_error_after_gathered_pieces(self) -> None:
         """The pieces produced before a failure are still returned, the

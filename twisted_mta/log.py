@@ -8,6 +8,7 @@ other text in exim-py; it is written to files byte for byte.
 from __future__ import annotations
 
 import errno as errno_module
+import functools
 import ipaddress
 import os
 import queue
@@ -414,6 +415,14 @@ def format_log_path(template: str, name: str, when: time.struct_time) -> str:
     The panic log never has a date: the datestamp is removed together with
     the non-alphanumeric character after it (when it starts a path
     component) or before it (otherwise)."""
+    return _format_log_path(template, name, when.tm_year, when.tm_mon, when.tm_mday)
+
+
+@functools.lru_cache(maxsize=32)
+def _format_log_path(template: str, name: str, year: int, month: int, day: int) -> str:
+    # Every log line needs its file's name, which only changes with the
+    # date: the cache keeps the character-by-character scan below to once
+    # a day per log.
     out: list[str] = []
     length = 0
     stamp_at, stamp_len = -1, 0
@@ -424,8 +433,8 @@ def format_log_path(template: str, name: str, when: time.struct_time) -> str:
             code = template[i + 1]
             piece = {
                 "s": name,
-                "D": f"{when.tm_year:04d}{when.tm_mon:02d}{when.tm_mday:02d}",
-                "M": f"{when.tm_year:04d}{when.tm_mon:02d}",
+                "D": f"{year:04d}{month:02d}{day:02d}",
+                "M": f"{year:04d}{month:02d}",
                 "%": "%",
             }.get(code)
             if piece is not None:

@@ -248,19 +248,23 @@ class MessageStream:
     ``body_only``); *before* and *after* are written as they are, without
     line-ending or check-string processing (``message_prefix`` and the
     batched SMTP envelope; ``message_suffix`` and its final dot), as Exim
-    writes them with transport_write_string().  After iteration,
+    writes them with transport_write_string().  *body*, when given, is
+    the -D file's content after its first line, already read: the stream
+    then reads no file, and iterating it does not block.  After iteration,
     *count* is the number of bytes produced (Exim's ``transport_count``)
     and *newlines* the number of line ends in the message itself.
     """
 
     def __init__(self, headers: str | None, data_path: str, options: WriteOptions, *,
-                 wireformat: bool = False, before: bytes = b"", after: bytes = b"") -> None:
+                 wireformat: bool = False, before: bytes = b"", after: bytes = b"",
+                 body: bytes | None = None) -> None:
         self.headers = headers
         self.data_path = data_path
         self.options = options
         self.wireformat = wireformat
         self.before = before
         self.after = after
+        self.body = body
         self.count = 0
         self.newlines = 0
 
@@ -283,21 +287,34 @@ class MessageStream:
             body = _LineFilter(check, escape, crlf=opts.use_crlf and not self.wireformat,
                                strip_cr=self.wireformat and not opts.use_crlf,
                                line_start=True)
-            with open(self.data_path, "rb") as f:
-                _skip_id_line(f, self.data_path)
-                left = opts.size_limit if opts.size_limit > 0 else -1
-                while left != 0:
-                    data = f.read(CHUNK_SIZE if left < 0 else min(CHUNK_SIZE, left))
-                    if not data:
-                        break
-                    if left > 0:
-                        left -= len(data)
-                    self.newlines += data.count(b"\n")
-                    yield body.feed(data)
+            for data in self._body_reads():
+                self.newlines += data.count(b"\n")
+                yield body.feed(data)
             yield body.flush()
         if opts.end_dot:
             yield b".\r\n" if opts.use_crlf else b".\n"
         yield self.after
+
+
+    def _body_reads(self) -> Iterator[bytes]:
+        """The body in pieces of up to CHUNK_SIZE bytes (up to size_limit
+        bytes in all): from *body* when given, else read from the file."""
+        limit = self.options.size_limit
+        if self.body is not None:
+            data = self.body[:limit] if limit > 0 else self.body
+            for start in range(0, len(data), CHUNK_SIZE):
+                yield data[start:start + CHUNK_SIZE]
+            return
+        with open(self.data_path, "rb") as f:
+            _skip_id_line(f, self.data_path)
+            left = limit if limit > 0 else -1
+            while left != 0:
+                data = f.read(CHUNK_SIZE if left < 0 else min(CHUNK_SIZE, left))
+                if not data:
+                    break
+                if left > 0:
+                    left -= len(data)
+                yield data
 
 
 class _Chunks(Iterator[bytes]):
@@ -380,7 +397,34 @@ def spool_message_size(message: Any, data_path: str) -> int:
     """Exim's ``$message_size`` for a message read from the spool: the
     body, one for the blank line, and the headers not flagged deleted
     (blocking: it stats the -D file)."""
+    return read_spooled_body(message, data_path, 0)[0]
+
+
+def read_spooled_body(message: Any, data_path: str, keep: int) -> tuple[int, bytes | None]:
+    """``(size, body)``: what :func:`spool_message_size` gives, and the
+    -D file's content after its first line when that is at most *keep*
+    bytes (else None: the caller reads the file itself), read in the same
+    visit to the file (blocking).  The body is None too when the file does
+    not start with its name, so that the stream reading it raises."""
     with open(data_path, "rb") as f:
         first = f.readline(256)
-        body = os.fstat(f.fileno()).st_size - len(first)
-    return body + 1 + sum(len(h.text) for h in message.headers if h.flag != "*")
+        length = os.fstat(f.fileno()).st_size - len(first)
+        body = f.read() if length <= keep and first.endswith(b"-D\n") else None
+    return message_size(message, length), body
+
+
+def message_size(message: Any, body_length: int) -> int:
+    """Exim's ``$message_size`` for a spooled message whose body (the -D
+    file after its first line) is *body_length* bytes: the body, one for
+    the blank line, and the headers not flagged deleted."""
+    return body_length + 1 + sum(len(h.text) for h in message.headers if h.flag != "*")
+
+
+def spooled_body(data: bytes) -> bytes | None:
+    """The body in *data*, a whole -D file: what follows its first line,
+    or None when that line is not ``<id>-D`` as a stream reading the file
+    would see it (the stream then raises)."""
+    end = data.find(b"\n", 0, 256)
+    if end < 0 or not data[:end + 1].endswith(b"-D\n"):
+        return None
+    return data[end + 1:]

@@ -103,12 +103,14 @@ from twisted_mta.transports import common as C
 from twisted_mta.transports.appendfile import rcpt_address
 from twisted_mta.transports.common import Outcome, defer, expand
 from twisted_mta.transports.message import (
+    CHUNK_SIZE,
     HeaderChangeError,
     MessageStream,
     WriteOptions,
     build_headers,
+    message_size,
     next_chunk,
-    spool_message_size,
+    read_spooled_body,
 )
 from twisted_mta.values import parse_port, split_list
 
@@ -271,7 +273,13 @@ class SmtpTransport:
                 return defer(e.routing)
             return defer(f"failed to expand headers_add or headers_remove: {e.message}",
                          C.ERRNO_CHHEADER_FAIL)
-        size, eight_bit = await C.run_blocking(job, _size_and_8bit, job)
+        body = job.extra.get("spooled_body")
+        if body is not None:
+            # Read by the delivery process with the -H file: no trip to the
+            # thread pool.
+            size, eight_bit = message_size(job.message, len(body)), not body.isascii()
+        else:
+            size, eight_bit, body = await C.run_blocking(job, _size_and_8bit, job)
         # size_addition: what the size may grow by on the way (-1: no SIZE).
         addition = int(instance.get("size_addition") or 0)
         size_param = size + addition if addition >= 0 else None
@@ -280,7 +288,7 @@ class SmtpTransport:
                                   float(instance.get("final_timeout")))
         main, fallback = hosts
         attempt = _Attempt(self, instance, job, setup.return_path, headers, options,
-                           size_param, eight_bit, helo, interface, settings)
+                           size_param, eight_bit, helo, interface, settings, body)
         outcome = await attempt.run(main, default_port, job.addresses)
         _apply(outcome, job.addresses)
         deferred = [a for a in job.addresses if a.status == DEFERRED]
@@ -337,16 +345,22 @@ def _smtps(instance: Any) -> bool:
     return str(instance.get("protocol") or "smtp").lower() == "smtps"
 
 
-def _size_and_8bit(job: Any) -> tuple[int, bool]:
-    size = spool_message_size(job.message, job.data_path)
+def _size_and_8bit(job: Any) -> tuple[int, bool, bytes | None]:
+    """The message's size, whether its body has 8-bit bytes (for
+    BODY=8BITMIME), and the body itself when it is at most CHUNK_SIZE bytes,
+    so that the transaction sends it without reading the -D file again
+    (blocking)."""
+    size, body = read_spooled_body(job.message, job.data_path, CHUNK_SIZE)
+    if body is not None:
+        return size, not body.isascii(), body
     with open(job.data_path, "rb") as f:
         f.readline()
         while True:
             block = f.read(65536)
             if not block:
-                return size, False
+                return size, False, None
             if not block.isascii():
-                return size, True
+                return size, True, None
 
 
 class _Attempt:
@@ -355,10 +369,13 @@ class _Attempt:
     def __init__(self, driver: SmtpTransport, instance: Any, job: Any, return_path: str,
                  headers: str | None, options: WriteOptions, size: int | None,
                  eight_bit: bool,
-                 helo: str, interface: str | None, settings: ClientSettings) -> None:
+                 helo: str, interface: str | None, settings: ClientSettings,
+                 body: bytes | None = None) -> None:
         self.instance, self.job = instance, job
         self.return_path = return_path
         self.headers, self.options = headers, options
+        #: The -D file's body when _size_and_8bit kept it (small messages).
+        self.body = body
         self.size, self.eight_bit = size, eight_bit
         self.helo, self.interface = helo, interface
         self.settings = settings
@@ -926,10 +943,11 @@ class _Attempt:
         chunks = None
         data = None
         if client.offers("CHUNKING") and await self._host_in("hosts_try_chunking", host):
-            chunks = await _bdat_chunks(job, self.headers, self.options)
+            chunks = await _bdat_chunks(job, self.headers, self.options, self.body)
         else:
             data = _chunks(job, MessageStream(self.headers, job.data_path, self.options,
-                                              wireformat=bool(job.message.wireformat)))
+                                              wireformat=bool(job.message.wireformat),
+                                              body=self.body))
         client.pipelining = not await self._host_in("hosts_avoid_pipelining", host)
         result = await client.transaction(sender, recipients, data, size=self.size,
                                           eight_bit=self.eight_bit, prdr=prdr,
@@ -1285,6 +1303,11 @@ def _more_errno(host: Host, code: int | None = None) -> int:
 
 async def _chunks(job: Any, stream: MessageStream) -> Any:
     it = iter(stream)
+    if stream.body is not None:
+        # Nothing to read: no trip to the thread pool.
+        for chunk in it:
+            yield chunk
+        return
     while True:
         chunk = await next_chunk(job, it)
         if chunk is None:
@@ -1341,20 +1364,25 @@ def _address_to_alabel(address: str) -> str:
     return f"{local}{at}{domain}"
 
 
-async def _bdat_chunks(job: Any, headers: str | None, options: WriteOptions) -> list[Any]:
+async def _bdat_chunks(job: Any, headers: str | None, options: WriteOptions,
+                       spooled: bytes | None = None) -> list[Any]:
     """The message as BDAT chunks (see twisted_mta.smtp.client.bdat_chunks):
     what DATA would send but without dot-stuffing or the final dot, as
     Exim clears check_string and topt_end_dot for CHUNKING.  The body's
     size must be known before it is sent: it is measured by producing it
-    once in the thread pool (exact whatever the line-ending conversion)."""
+    once (exact whatever the line-ending conversion), in the thread pool
+    unless *spooled*, the -D file's body already read, is given."""
     plain = replace(options, check_string=None, escape_string=None, end_dot=False)
     wireformat = bool(job.message.wireformat)
     head = b"".join(MessageStream(headers, job.data_path, replace(plain, no_body=True),
                                   wireformat=wireformat))
 
     def body() -> MessageStream:
-        return MessageStream(None, job.data_path, plain, wireformat=wireformat)
+        return MessageStream(None, job.data_path, plain, wireformat=wireformat, body=spooled)
 
-    size = await C.run_blocking(job, lambda: sum(len(chunk) for chunk in body()))
+    if spooled is not None:
+        size = sum(len(chunk) for chunk in body())
+    else:
+        size = await C.run_blocking(job, lambda: sum(len(chunk) for chunk in body()))
     return bdat_chunks(head, _chunks(job, body()), size)
 
