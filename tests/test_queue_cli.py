@@ -224,6 +224,14 @@ class ArgumentTests(unittest.TestCase):
         self.assertEqual((inv.mode, inv.arguments, inv.config_file),
                          ("Mvh", [self.ID, "extra"], "y.conf"))
 
+    def test_queue_run_options(self) -> None:
+        for option, expected in (("-q", (False, False, False)), ("-qf", (False, True, False)),
+                                 ("-qff", (False, True, True)), ("-qq", (True, False, False)),
+                                 ("-qqff", (True, True, True))):
+            inv = parse_arguments([option])
+            self.assertEqual((inv.mode, inv.queue_two_stage, inv.queue_force,
+                              inv.queue_thaw), ("q", *expected), option)
+
     def test_exim_errors(self) -> None:
         with self.assertRaisesRegex(UsageError, "^exim: malformed message id x after -Mf "
                                     "option$"):

@@ -11,6 +11,7 @@ continued deliveries.
 
 from __future__ import annotations
 
+import random
 import re
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ from twisted.trial import unittest as trial
 
 from tests import test_smtp_transport as peer
 from tests.test_delivery_peers import Exim4Daemon, message_lines
-from twisted_mta.queue.deliver import COMPLETED, INCOMPLETE, MessageDelivery
+from twisted_mta.queue.deliver import COMPLETED, INCOMPLETE, MISSING, MessageDelivery
 from twisted_mta.queue.waiting import BUSY, GONE, READY, WaitingDatabase
 from twisted_mta.spool.store import Spool
 
@@ -64,6 +65,7 @@ class ContinuedToEximTests(trial.TestCase):
 
     settings = peer.DeliveryToEximTests.settings
     deliver = peer.DeliveryToEximTests.deliver
+    spool_message = peer.DeliveryToEximTests.spool_message
 
     def setUp(self) -> None:
         peer._require_exim()
@@ -129,6 +131,52 @@ class ContinuedToEximTests(trial.TestCase):
         result = await MessageDelivery(settings, "1xa0Ih-00035i-03", force=True).run()
         self.assertEqual(result.outcome, COMPLETED)
         self.assertEqual(len(set(self.received_ports())), 2)
+
+    async def test_two_stage_queue_run(self) -> None:
+        # -qq: the first pass routes all three and records them as waiting
+        # (no "==" lines); the second sends them down one connection.
+        self.exim.start()
+        settings = self.settings()
+        settings.waiting = WaitingDatabase(self.tmp)
+        self.settings_used = settings
+        for number in (1, 2, 3):
+            self.spool_message(["a@y.test"], number=number)
+        from twisted_mta.queue.runner import QueueRunner
+
+        runner = QueueRunner(settings, rng=random.Random(1))
+        results = await runner.queue_run(two_stage=True, ids=sorted(self.spool.list_ids()))
+        # The first message of the second pass took the other two along,
+        # so the pass finds them gone.
+        self.assertEqual([r.outcome for r in results], [COMPLETED, MISSING, MISSING])
+        self.assertEqual(list(self.spool.list_ids()), [])
+        self.assertNotIn(" == ", self.stream.getvalue())
+        ports = self.received_ports()
+        self.assertEqual(len(ports), 3, self.exim.mainlog())
+        self.assertEqual(len(set(ports)), 1, ports)
+        marks = [re.search(r" H=127\.0\.0\.1 \[127\.0\.0\.1\](\*?) ", line).group(1)
+                 for line in self.delivery_lines()]
+        self.assertEqual(sorted(marks), ["", "*", "*"], self.delivery_lines())
+
+    async def test_queue_smtp_domains(self) -> None:
+        # Outside queue runs a domain in queue_smtp_domains is only routed
+        # (and waits); a forced delivery goes ahead.
+        self.exim.start()
+        text = "queue_smtp_domains = y.test\n" + peer.SENDER_CONFIG.replace(
+            "@HOSTS@", "127.0.0.1").replace("@PORT@", str(self.exim.port)).replace(
+            "@EXTRA@", "")
+        settings = peer.delivery_settings(self, text)
+        settings.waiting = WaitingDatabase(self.tmp)
+        self.settings_used = settings
+        outcome, lines = await self.deliver(settings, ["a@y.test"])
+        self.assertEqual(outcome, INCOMPLETE, lines)
+        self.assertEqual(lines, ["== a@y.test R=remote T=remote_smtp defer (0): first-pass "
+                                 "only routing due to -odqs, queue_smtp_domains or "
+                                 "control=queue"])
+        self.assertEqual(settings.waiting.waiting("remote_smtp", "127.0.0.1"),
+                         ["1xa0Ih-00035i-01"])
+        self.assertEqual(self.received_ports(), [])
+        result = await MessageDelivery(settings, "1xa0Ih-00035i-01", force=True).run()
+        self.assertEqual(result.outcome, COMPLETED)
 
     async def test_connection_max_messages_one_records_nothing(self) -> None:
         settings = self.settings(extra="  connection_max_messages = 1\n")

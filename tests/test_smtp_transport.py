@@ -363,9 +363,9 @@ class DeliveryToEximTests(trial.TestCase):
             "@PORT@", str(port or self.exim.port)).replace("@EXTRA@", extra)
         return delivery_settings(self, text)
 
-    async def deliver(self, settings: DeliverySettings, recipients: list[str],
-                      number: int = 1, subject: str = "smtp transport",
-                      age: int = 0) -> tuple[str, list[str]]:
+    def spool_message(self, recipients: list[str], number: int = 1,
+                      subject: str = "smtp transport", age: int = 0) -> str:
+        """Write message ``1xa0Ih-00035i-0<number>`` to the spool; its id."""
         message_id = f"1xa0Ih-00035i-0{number}"
         now = int(time.time()) - age
         self.spool.write_message(SpoolMessage(
@@ -374,6 +374,12 @@ class DeliveryToEximTests(trial.TestCase):
             headers=[SpoolHeader(f"Subject: {subject}\n"),
                      SpoolHeader("From: s@x.test\n")],
             deliver_firsttime=True, body_linecount=5), BODY)
+        return message_id
+
+    async def deliver(self, settings: DeliverySettings, recipients: list[str],
+                      number: int = 1, subject: str = "smtp transport",
+                      age: int = 0) -> tuple[str, list[str]]:
+        message_id = self.spool_message(recipients, number, subject, age)
         result = await MessageDelivery(self.settings_used, message_id).run()
         return result.outcome, message_lines(self.stream.getvalue(), message_id)
 

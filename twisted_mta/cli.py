@@ -41,6 +41,8 @@ class Invocation:
     queue_interval: int | None = None
     queue_force: bool = False
     queue_thaw: bool = False
+    #: -qq: a two-stage queue run (routing first, then deliveries).
+    queue_two_stage: bool = False
     #: -odb (default), -odi, -odq, -odf: what happens after -bm.
     delivery_mode: str = "b"
     extract_recipients: bool = False
@@ -117,15 +119,17 @@ def parse_arguments(argv: Sequence[str]) -> Invocation:
 
 
 def _queue_run_option(inv: Invocation, arg: str) -> bool:
-    """``-q``, ``-qf``, ``-qff`` and ``-q<time>`` (with ``-bd``)."""
+    """``-q``, ``-qf``, ``-qff``, each also as ``-qq...`` (two-stage), and
+    ``-q<time>`` (with ``-bd``)."""
     import re
 
     from twisted_mta.values import parse_time
 
-    match = re.fullmatch(r"-q(f{0,2})(.*)", arg)
+    match = re.fullmatch(r"-q(q?)(f{0,2})(.*)", arg)
     if match is None:
         return False
-    flags, interval = match.groups()
+    two_stage, flags, interval = match.groups()
+    inv.queue_two_stage = bool(two_stage)
     inv.queue_force = bool(flags)
     inv.queue_thaw = flags == "ff"
     if interval:
@@ -230,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from twisted_mta.queue.command import queue_run
 
         return queue_run(config, force=inv.queue_force, thaw=inv.queue_thaw,
-                         dont_deliver=inv.dont_deliver)
+                         dont_deliver=inv.dont_deliver, two_stage=inv.queue_two_stage)
     if inv.mode in ("M", "Mg"):
         from twisted_mta.queue.command import deliver_messages
 

@@ -71,14 +71,15 @@ def run_with_reactor(config: Any,
     return status[0] if status else 1
 
 
-def queue_run(config: Any, *, force: bool, thaw: bool, dont_deliver: bool = False) -> int:
+def queue_run(config: Any, *, force: bool, thaw: bool, dont_deliver: bool = False,
+              two_stage: bool = False) -> int:
     """``-q``, ``-qf``, ``-qff``: one pass over the queue (``-N``: no
-    transport is run)."""
+    transport is run); ``-qq...``: two, routing first."""
     from twisted_mta.queue.runner import QueueRunner
 
     async def work(settings: DeliverySettings) -> int:
         await QueueRunner(settings).queue_run(force=force, thaw=thaw,
-                                              dont_deliver=dont_deliver)
+                                              dont_deliver=dont_deliver, two_stage=two_stage)
         return 0
 
     return run_with_reactor(config, work)

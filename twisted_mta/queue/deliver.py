@@ -97,7 +97,8 @@ class MessageDelivery:
     def __init__(self, settings: DeliverySettings, message_id: str, *,
                  force: bool = False, thaw: bool = False,
                  queue_running: bool = False, give_up: bool = False,
-                 dont_deliver: bool = False, continued: Any = None) -> None:
+                 dont_deliver: bool = False, continued: Any = None,
+                 first_pass: bool = False) -> None:
         self.settings = settings
         self.config = settings.config
         self.message_id = message_id
@@ -112,6 +113,9 @@ class MessageDelivery:
         #: A connection another delivery handed on (the smtp transport's
         #: ContinuedConnection), for this message's deliveries to its host.
         self.continued = continued
+        #: The first pass of a two-stage queue run (-qq): remote deliveries
+        #: are routed and recorded as waiting for their hosts, not made.
+        self.first_pass = first_pass
         #: Connections the smtp transport left open for waiting messages.
         self._parked: list[Any] = []
         self.selector = getattr(settings.log, "selectors", frozenset())
@@ -677,6 +681,8 @@ class MessageDelivery:
                            extra={"retry": self.settings.retry,
                                   "spooled_body": self._body,
                                   "force": self.force,
+                                  "queue_running": self.queue_running,
+                                  "first_pass": self.first_pass,
                                   "continued": self.continued,
                                   "hand_on": self._wants_hand_on
                                   if self.continued is None else None})
@@ -724,8 +730,10 @@ class MessageDelivery:
             else:
                 if address.status == PENDING:
                     address.defer("transport gave no result")
-                self._log(deferral_line(address, driver_kind="transport",
-                                        selector=self.selector))
+                # Exim's first pass of -qq logs no "==" for what it left.
+                if not (self.first_pass and address.basic_errno == 0):
+                    self._log(deferral_line(address, driver_kind="transport",
+                                            selector=self.selector))
                 self._deferred(address, result)
 
     async def _update_remote_retry(self, batch: list[DeliveryAddress], job: Any) -> None:

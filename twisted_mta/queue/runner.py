@@ -124,33 +124,47 @@ class QueueRunner(service.Service):
             return 5
 
     async def queue_run(self, *, force: bool = False, thaw: bool = False,
-                        ids: Iterable[str] | None = None,
-                        dont_deliver: bool = False) -> list[DeliveryResult]:
+                        ids: Iterable[str] | None = None, dont_deliver: bool = False,
+                        two_stage: bool = False) -> list[DeliveryResult]:
         """One pass over the queue, in random order unless
-        ``queue_run_in_order``; each message is delivered in turn."""
+        ``queue_run_in_order``; each message is delivered in turn.
+
+        *two_stage* (``-qq``): first a pass that routes every message and
+        runs the local deliveries, but only records the remote ones as
+        waiting for their hosts (twisted_mta/queue/waiting.py); then the
+        ordinary pass, in which a connection to a host carries all the
+        messages waiting for it, as in Exim."""
         spool = self.settings.spool
-        flags = " -q" + ("f" if force else "") + ("f" if thaw else "") if force or thaw else ""
-        self._log(f"Start queue run: pid={os.getpid()}{flags}")
+        flags = ("q" if two_stage else "") + ("f" if force else "") + ("f" if thaw else "")
+        self._log(f"Start queue run: pid={os.getpid()}" + (f" -q{flags}" if flags else ""))
         if ids is None:
             ids = await _in_thread(self.settings, spool.list_ids)
         order = list(ids)
         if not self.settings.config.get("queue_run_in_order"):
             self.rng.shuffle(order)
         results = []
-        for message_id in order:
-            if message_id in self.settings.active:
-                continue
-            if self.workers is not None and not dont_deliver:
-                flags = "q" + ("f" if force else "") + ("t" if thaw else "")
-                results.append(DeliveryResult(await self.workers.deliver(message_id, flags)))
-                continue
-            results.append(await MessageDelivery(self.settings, message_id, force=force,
-                                                 thaw=thaw, queue_running=True,
-                                                 dont_deliver=dont_deliver).run())
+        for first_pass in ([True, False] if two_stage else [False]):
+            results = []
+            for message_id in order:
+                if message_id in self.settings.active:
+                    continue
+                results.append(await self._queue_delivery(
+                    message_id, force=force, thaw=thaw, dont_deliver=dont_deliver,
+                    first_pass=first_pass))
         while self._new:
             await defer.DeferredList(list(self._new), consumeErrors=True)
         self._log(f"End queue run: pid={os.getpid()}{flags}")
         return results
+
+    async def _queue_delivery(self, message_id: str, *, force: bool, thaw: bool,
+                              dont_deliver: bool, first_pass: bool) -> DeliveryResult:
+        if self.workers is not None and not dont_deliver:
+            flags = "q" + ("f" if force else "") + ("t" if thaw else "") + \
+                ("2" if first_pass else "")
+            return DeliveryResult(await self.workers.deliver(message_id, flags))
+        return await MessageDelivery(self.settings, message_id, force=force, thaw=thaw,
+                                     queue_running=True, dont_deliver=dont_deliver,
+                                     first_pass=first_pass).run()
 
     def _log(self, text: str) -> None:
         log = self.settings.log

@@ -11,7 +11,7 @@ L{twisted_mta.queue.deliver.MessageDelivery} as the daemon.
 
 The line protocol is as small as it can be.  The daemon writes a message id
 (and, for a queue run, a space and flags: ``q`` queue run, ``f`` forced,
-``t`` thawed) and a newline to a worker's stdin; the worker delivers it (up to
+``t`` thawed, ``2`` the first pass of a two-stage run) and a newline to a worker's stdin; the worker delivers it (up to
 L{twisted_mta.queue.runner.IMMEDIATE_DELIVERIES} at once) and writes the id,
 a space and the outcome (``completed``, ``incomplete``, ``locked`` ...) to
 its stdout.  End of input: the worker finishes what it has, flushes its log
@@ -196,7 +196,7 @@ class _Requests(protocol.Protocol):
 
         d = defer.Deferred.fromCoroutine(MessageDelivery(
             self.settings, message_id, queue_running="q" in flags, force="f" in flags,
-            thaw="t" in flags).run())
+            thaw="t" in flags, first_pass="2" in flags).run())
 
         def answer(result: Any) -> None:
             outcome = getattr(result, "outcome", None)

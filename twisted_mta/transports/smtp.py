@@ -289,6 +289,14 @@ class SmtpTransport:
         main, fallback = hosts
         attempt = _Attempt(self, instance, job, setup.return_path, headers, options,
                            size_param, eight_bit, helo, interface, settings, body)
+        if await _routing_only(instance, job):
+            # Exim: no delivery now; the message waits for these hosts.
+            for address in job.addresses:
+                address.defer(ROUTING_ONLY)
+            job.extra["defer_events"] = True
+            if int(instance.get("connection_max_messages") or 0) != 1:
+                job.extra.setdefault("waiting_hosts", []).extend(h.name for h in main)
+            return None
         outcome = await attempt.run(main, default_port, job.addresses)
         _apply(outcome, job.addresses)
         deferred = [a for a in job.addresses if a.status == DEFERRED]
@@ -338,6 +346,28 @@ class ContinuedConnection:
     @property
     def has_room(self) -> bool:
         return self.usable and (self.limit <= 0 or self.sequence < self.limit)
+
+
+ROUTING_ONLY = "first-pass only routing due to -odqs, queue_smtp_domains or control=queue"
+
+
+async def _routing_only(instance: Any, job: Any) -> bool:
+    """Whether the transport only routes this time (Exim's "first-pass
+    routing only"): the first pass of a ``-qq`` queue run, or, outside
+    queue runs and unless forced, a domain in ``queue_smtp_domains``."""
+    extra = job.extra
+    if extra.get("first_pass"):
+        return True
+    domains = job.config.get("queue_smtp_domains") if job.config is not None else None
+    if not domains or extra.get("queue_running") or extra.get("force"):
+        return False
+    try:
+        text = await expand(job, str(domains))
+        return await match_list(job.addresses[0].domain.lower(), text, "domain",
+                                job.ctx) is not None
+    except (ListDefer, ExpansionError):
+        # Exim: a defer in the lookup does not hold SMTP deliveries up.
+        return False
 
 
 def _smtps(instance: Any) -> bool:
