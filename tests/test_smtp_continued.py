@@ -65,7 +65,6 @@ class ContinuedToEximTests(trial.TestCase):
 
     settings = peer.DeliveryToEximTests.settings
     deliver = peer.DeliveryToEximTests.deliver
-    spool_message = peer.DeliveryToEximTests.spool_message
 
     def setUp(self) -> None:
         peer._require_exim()
@@ -140,7 +139,7 @@ class ContinuedToEximTests(trial.TestCase):
         settings.waiting = WaitingDatabase(self.tmp)
         self.settings_used = settings
         for number in (1, 2, 3):
-            self.spool_message(["a@y.test"], number=number)
+            peer.spool_message(self.spool, ["a@y.test"], number=number)
         from twisted_mta.queue.runner import QueueRunner
 
         runner = QueueRunner(settings, rng=random.Random(1))

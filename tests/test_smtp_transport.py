@@ -323,6 +323,19 @@ def _require_exim() -> None:
         _require(False, "exim4 -C needs root")
 
 
+def spool_message(spool: Spool, recipients: list[str], number: int = 1,
+                  subject: str = "smtp transport", age: int = 0) -> str:
+    """Write message ``1xa0Ih-00035i-0<number>`` to *spool*; its id."""
+    message_id = f"1xa0Ih-00035i-0{number}"
+    now = int(time.time()) - age
+    spool.write_message(SpoolMessage(
+        id=message_id, sender=SENDER, received=(now, 0), received_complete=(now, 1),
+        received_protocol="esmtp", recipients=[Recipient(r) for r in recipients],
+        headers=[SpoolHeader(f"Subject: {subject}\n"), SpoolHeader("From: s@x.test\n")],
+        deliver_firsttime=True, body_linecount=5), BODY)
+    return message_id
+
+
 def delivery_settings(test: Any, text: str, **kw: Any) -> DeliverySettings:
     """Delivery settings for the configuration *text* in a peer test: the
     log lines go to ``test.stream``, failures to ``test.bounced`` (no DSNs
@@ -363,23 +376,10 @@ class DeliveryToEximTests(trial.TestCase):
             "@PORT@", str(port or self.exim.port)).replace("@EXTRA@", extra)
         return delivery_settings(self, text)
 
-    def spool_message(self, recipients: list[str], number: int = 1,
-                      subject: str = "smtp transport", age: int = 0) -> str:
-        """Write message ``1xa0Ih-00035i-0<number>`` to the spool; its id."""
-        message_id = f"1xa0Ih-00035i-0{number}"
-        now = int(time.time()) - age
-        self.spool.write_message(SpoolMessage(
-            id=message_id, sender=SENDER, received=(now, 0), received_complete=(now, 1),
-            received_protocol="esmtp", recipients=[Recipient(r) for r in recipients],
-            headers=[SpoolHeader(f"Subject: {subject}\n"),
-                     SpoolHeader("From: s@x.test\n")],
-            deliver_firsttime=True, body_linecount=5), BODY)
-        return message_id
-
     async def deliver(self, settings: DeliverySettings, recipients: list[str],
                       number: int = 1, subject: str = "smtp transport",
                       age: int = 0) -> tuple[str, list[str]]:
-        message_id = self.spool_message(recipients, number, subject, age)
+        message_id = spool_message(self.spool, recipients, number, subject, age)
         result = await MessageDelivery(self.settings_used, message_id).run()
         return result.outcome, message_lines(self.stream.getvalue(), message_id)
 
