@@ -168,20 +168,24 @@ def _load_verify(context: SSL.Context, options: ServerTLSOptions) -> None:
             raise TLSConfigError(
                 f"(SSL_CTX_load_verify_locations file={cas}): {_openssl_reason(exc)}") from None
     if options.crl:
-        if not os.path.exists(options.crl):
-            raise TLSConfigError(
-                f"failed to stat {options.crl} for certificates revocation lists")
-        store = context.get_cert_store()
-        try:
-            if os.path.isdir(options.crl):
-                store.load_locations(None, options.crl)
-            else:
-                store.load_locations(options.crl)
-        except crypto.Error as exc:
-            raise TLSConfigError(
-                f"(X509_STORE_load_locations file={options.crl}): {_openssl_reason(exc)}"
-            ) from None
-        store.set_flags(crypto.X509StoreFlags.CRL_CHECK | crypto.X509StoreFlags.CRL_CHECK_ALL)
+        load_crl(context, options.crl)
+
+
+def load_crl(context: SSL.Context, path: str) -> None:
+    """tls_crl: a CRL file or a hashed directory of them, checked for the
+    whole chain (Exim's setup_certs(), which stats the path first)."""
+    if not os.path.exists(path):
+        raise TLSConfigError(f"failed to stat {path} for certificates revocation lists")
+    store = context.get_cert_store()
+    try:
+        if os.path.isdir(path):
+            store.load_locations(None, path)
+        else:
+            store.load_locations(path)
+    except crypto.Error as exc:
+        raise TLSConfigError(
+            f"(X509_STORE_load_locations file={path}): {_openssl_reason(exc)}") from None
+    store.set_flags(crypto.X509StoreFlags.CRL_CHECK | crypto.X509StoreFlags.CRL_CHECK_ALL)
 
 
 def load_context(options: ServerTLSOptions) -> SSL.Context:

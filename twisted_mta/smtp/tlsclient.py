@@ -62,6 +62,7 @@ from twisted_mta.smtp.tls import (
     _verify_error_text,
     cipher_standard_name,
     load_certificate_and_key,
+    load_crl,
 )
 
 __all__ = ["ClientTLS", "ClientTLSOptions", "ClientTLSSession", "TLSConfigError",
@@ -129,21 +130,7 @@ def _load_context(options: ClientTLSOptions) -> SSL.Context:
                 raise TLSConfigError(f"(SSL_CTX_load_verify_locations file={cas}): "
                                      f"{_openssl_reason(exc)}") from None
         if options.crl:
-            # Exim's setup_certs(): stat first; a directory is a hashed one.
-            if not os.path.exists(options.crl):
-                raise TLSConfigError(
-                    f"failed to stat {options.crl} for certificates revocation lists")
-            store = context.get_cert_store()
-            try:
-                if os.path.isdir(options.crl):
-                    store.load_locations(None, options.crl)
-                else:
-                    store.load_locations(options.crl)
-            except crypto.Error as exc:
-                raise TLSConfigError(f"(X509_STORE_load_locations file={options.crl}): "
-                                     f"{_openssl_reason(exc)}") from None
-            store.set_flags(crypto.X509StoreFlags.CRL_CHECK
-                            | crypto.X509StoreFlags.CRL_CHECK_ALL)
+            load_crl(context, options.crl)
     return context
 
 
