@@ -106,3 +106,38 @@ class DeliveryWorkersTests(trial.TestCase):
         self.assertEqual(command[1:], ["-m", "twisted_mta.queue.workers", "/etc/exim-py.conf",
                                        "-D", "A=1", "-D", "B=x=y"])
         self.assertGreaterEqual(default_worker_count(), 1)
+
+
+class WorkerProcessTests(trial.TestCase):
+    """``python -m twisted_mta.queue.workers`` itself: ids in, outcomes out."""
+
+    def test_delivers_what_it_is_given(self) -> None:
+        import os
+        import shutil
+        import subprocess
+        import sys
+        import tempfile
+
+        from tests.test_smtp_transport import spool_message
+        from twisted_mta.spool.store import Spool
+
+        tmp = tempfile.mkdtemp(prefix="exim-py-worker-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        config = os.path.join(tmp, "configure")
+        with open(config, "w") as f:
+            f.write(f"primary_hostname = mta.test\nspool_directory = {tmp}/spool\n"
+                    f"log_file_path = {tmp}/log/%slog\n"
+                    "begin routers\ndiscard:\n  driver = redirect\n  data = :blackhole:\n")
+        message_id = spool_message(Spool(f"{tmp}/spool"), ["a@y.test"])
+        env = dict(os.environ, PYTHONPATH=os.getcwd())
+        done = subprocess.run([sys.executable, "-m", "twisted_mta.queue.workers", config],
+                              input=f"{message_id}\nnot-an-id q\n1xa0Ih-00035i-0Z\n".encode(),
+                              capture_output=True, timeout=60, env=env)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(sorted(done.stdout.decode().splitlines()),
+                         [f"{message_id} completed", "1xa0Ih-00035i-0Z missing",
+                          "not-an-id invalid"])
+        with open(f"{tmp}/log/mainlog") as f:
+            log = f.read()
+        self.assertIn(f"{message_id} => :blackhole: <a@y.test> R=discard", log)
+        self.assertIn(f"{message_id} Completed", log)

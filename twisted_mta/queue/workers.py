@@ -13,8 +13,8 @@ The line protocol is as small as it can be.  The daemon writes a message id
 (and, for a queue run, a space and flags: ``q`` queue run, ``f`` forced,
 ``t`` thawed, ``2`` the first pass of a two-stage run) and a newline to a worker's stdin; the worker delivers it (up to
 L{twisted_mta.queue.runner.IMMEDIATE_DELIVERIES} at once) and writes the id,
-a space and the outcome (``completed``, ``incomplete``, ``locked`` ...) to
-its stdout.  End of input: the worker finishes what it has, flushes its log
+a space and the outcome (``completed``, ``incomplete``, ``locked`` ...;
+``invalid`` for what is not a message id) to its stdout.  End of input: the worker finishes what it has, flushes its log
 and exits.
 
 Only the id crosses: the message is on the spool, and whichever process
@@ -31,7 +31,9 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.python import log as twisted_log
+from zope.interface import implementer
 
 __all__ = ["DeliveryWorkers", "default_worker_count", "main"]
 
@@ -169,6 +171,7 @@ def _kill(worker: _WorkerProcess) -> None:
 
 # -- the worker's side -----------------------------------------------------------------
 
+@implementer(IHalfCloseableProtocol)
 class _Requests(protocol.Protocol):
     """Message ids on stdin, outcomes on stdout."""
 
@@ -193,6 +196,11 @@ class _Requests(protocol.Protocol):
 
     def _deliver(self, message_id: str, flags: str) -> defer.Deferred[None]:
         from twisted_mta.queue.deliver import MessageDelivery
+        from twisted_mta.spool.ids import is_message_id
+
+        if not is_message_id(message_id):
+            self.transport.write(f"{message_id} invalid\n".encode("ascii", "replace"))
+            return defer.succeed(None)
 
         d = defer.Deferred.fromCoroutine(MessageDelivery(
             self.settings, message_id, queue_running="q" in flags, force="f" in flags,
@@ -207,10 +215,19 @@ class _Requests(protocol.Protocol):
 
         return d.addBoth(answer)
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def readConnectionLost(self) -> None:
+        """End of input: finish the deliveries in hand, answer them, flush
+        the log, then close (stdout stays open until then)."""
         d = defer.DeferredList(list(self.running), consumeErrors=True)
         d.addCallback(lambda _: self.settings.log.when_flushed())
-        d.addBoth(lambda _: self.done.callback(0))
+        d.addBoth(lambda _: self.transport.loseConnection())
+
+    def writeConnectionLost(self) -> None:
+        """The daemon has gone: the deliveries in hand go on regardless."""
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.done.called:
+            self.done.callback(0)
 
 
 def main(argv: list[str] | None = None) -> int:
