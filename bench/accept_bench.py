@@ -161,13 +161,7 @@ class Server:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 15)
         self.process = None
 
     def spooled(self) -> int:
@@ -273,6 +267,17 @@ def one_run(server: Server, size: int, sessions: int, count: int,
         raise BenchError(f"{server.name}: {expected} messages spooled, {after} after "
                          f"shutdown\n{server.report()}")
     return count / spool_seconds, count / seconds
+
+
+def stop_process(process: subprocess.Popen, seconds: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after *seconds*."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def wait_for_banner(port: int, seconds: float, running: Callable[[], bool]) -> bool:

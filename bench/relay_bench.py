@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 import pwd
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -50,6 +49,7 @@ from accept_bench import (  # noqa: E402
     free_port,
     print_json,
     send,
+    stop_process,
     wait_for_banner,
 )
 
@@ -199,13 +199,7 @@ class Sink:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 10)
         if self._reader is not None:
             self._reader.join(5)
         for stream in (self.process.stdout, self.process.stderr):
